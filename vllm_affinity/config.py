@@ -1,0 +1,164 @@
+"""Validated configuration: presets, server SPEC, per-request overrides.
+
+A SPEC is what the user types after ``"affinity":`` in the server flag
+(``--hf-overrides '{"affinity": SPEC}'``):
+
+* a preset name (``paper-aggressive``, ``paper-conservative``, ``off``, ...), the
+  stem of a file in ``configs/``;
+* a path to a YAML (or JSON) file holding an object like the presets;
+* an object, e.g. ``{"input": {"keep_ratio": 0.74, "window": 1}}``.
+
+A missing stage is off. Every error names the offending field.
+No vLLM import here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+#: key of the per-request override in ``mm_processor_kwargs``
+REQUEST_KEEP_RATIO_KEY = "affinity_keep_ratio"
+#: key of the SPEC in ``--hf-overrides`` (and thus on the HF config object)
+HF_CONFIG_KEY = "affinity"
+
+
+class AffinityConfigError(ValueError):
+    """A SPEC or per-request value is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputStage(_Strict):
+    """Pooling of the audio embeddings entering the LM (after encoder + projector)."""
+
+    keep_ratio: float = Field(
+        gt=0.0, le=1.0, description="fraction of each audio's tokens kept (exact-count mode)"
+    )
+    window: int = Field(1, ge=1, le=64, description="look-back window (omega) of the affinity score")
+    method: Literal["affinity", "uniform"] = Field(
+        "affinity", description="how groups are chosen: by affinity, or equal-size bins"
+    )
+
+    @field_validator("keep_ratio", mode="before")
+    @classmethod
+    def _finite_number(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError("must be a finite number in (0, 1]")
+        return v
+
+
+class AffinityConfig(_Strict):
+    """The whole plugin configuration. ``input=None`` means the input stage is off."""
+
+    input: InputStage | None = None
+    allow_request_override: bool = Field(
+        True, description=f"accept mm_processor_kwargs.{REQUEST_KEEP_RATIO_KEY} per request"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.input is not None
+
+    def describe(self) -> str:
+        if self.input is None:
+            return "input stage off"
+        s = self.input
+        return f"input stage: keep_ratio={s.keep_ratio}, window={s.window}, method={s.method}"
+
+
+def presets_dir() -> Path:
+    """``configs/`` of the source tree (editable installs) or the packaged copy."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "configs", here / "presets"):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError("vllm_affinity presets not found (configs/ missing)")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+            if loc == "deep" or loc.startswith("deep."):
+                msg += " (the deep stage is not available in this version)"
+        lines.append(f"{where}.{loc}: {msg} (got {e.get('input')!r})")
+    return "invalid vllm-affinity config: " + "; ".join(lines)
+
+
+def _read_file(path: Path) -> Any:
+    import yaml
+
+    text = path.read_text()
+    return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+
+
+def load_spec(spec: Any, where: str = "affinity") -> AffinityConfig:
+    """Turn a SPEC (preset name, path, dict, existing config or None) into a config."""
+    if spec is None:
+        return AffinityConfig()
+    if isinstance(spec, AffinityConfig):
+        return spec
+    if isinstance(spec, str):
+        return _load_named(spec, where)
+    if not isinstance(spec, dict):
+        raise AffinityConfigError(
+            f"invalid vllm-affinity config: {where} must be a preset name, a file path or an "
+            f"object, got {type(spec).__name__}"
+        )
+    try:
+        return AffinityConfig.model_validate(spec)
+    except ValidationError as e:
+        raise AffinityConfigError(_format_error(e, where)) from None
+
+
+@lru_cache(maxsize=64)
+def _load_named(spec: str, where: str) -> AffinityConfig:
+    path = Path(spec).expanduser()
+    if not (path.suffix in (".yaml", ".yml", ".json") or "/" in spec):
+        path = presets_dir() / f"{spec}.yaml"
+        if not path.is_file():
+            raise AffinityConfigError(
+                f"invalid vllm-affinity config: {where}: unknown preset {spec!r}; "
+                f"presets: {', '.join(preset_names())}, or pass a YAML file path or an object"
+            )
+    elif not path.is_file():
+        raise AffinityConfigError(f"invalid vllm-affinity config: {where}: file {spec!r} not found")
+    data = _read_file(path)
+    if data is None:
+        data = {}
+    return load_spec(data, where=f"{where}[{path.name}]")
+
+
+def request_keep_ratio(cfg: AffinityConfig, mm_kwargs: dict[str, Any] | None) -> float:
+    """Effective input keep ratio for one request (1.0 = input stage off).
+
+    Raises AffinityConfigError naming ``mm_processor_kwargs.affinity_keep_ratio``
+    when the override is malformed or not allowed by the server.
+    """
+    base = cfg.input.keep_ratio if cfg.input is not None else 1.0
+    if not mm_kwargs or REQUEST_KEEP_RATIO_KEY not in mm_kwargs:
+        return base
+    v = mm_kwargs[REQUEST_KEEP_RATIO_KEY]
+    field = f"mm_processor_kwargs.{REQUEST_KEEP_RATIO_KEY}"
+    if not cfg.allow_request_override:
+        raise AffinityConfigError(f"{field}: per-request overrides are disabled on this server")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise AffinityConfigError(f"{field} must be a number in (0, 1], got {v!r}")
+    if not (math.isfinite(v) and 0.0 < v <= 1.0):
+        raise AffinityConfigError(f"{field} must be in (0, 1], got {v!r}")
+    return float(v)

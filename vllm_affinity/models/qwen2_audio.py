@@ -1,0 +1,190 @@
+"""Qwen2-Audio with input Affinity Pooling (the EVS pattern of vLLM's video pruning).
+
+* The processor (API-server side) fixes each audio's placeholder count to
+  ``K = num_kept(n, keep_ratio)`` before the encoder runs, and hands K to the model
+  as a per-item field ``affinity_num_kept``.
+* The model (worker side) runs the stock encoder + projector, then merges each
+  audio's ``n`` embeddings into exactly K by exact-count grouping.
+
+The server SPEC travels in the HF config (``--hf-overrides '{"affinity": SPEC}'``):
+it is the one channel both the processor and the model can read in vLLM 0.32.
+With the input stage off, K = n and everything is stock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from vllm.model_executor.models.qwen2_audio import (
+    Qwen2AudioDummyInputsBuilder,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioMultiModalDataParser,
+    Qwen2AudioMultiModalProcessor,
+    Qwen2AudioProcessingInfo,
+    _get_feat_extract_output_lengths,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import AudioProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+
+from .. import pooling
+from ..config import (
+    HF_CONFIG_KEY,
+    REQUEST_KEEP_RATIO_KEY,
+    AffinityConfig,
+    AffinityConfigError,
+    load_spec,
+    request_keep_ratio,
+)
+
+# A child of vLLM's logger, so lines use vLLM's handler, format and VLLM_LOGGING_LEVEL.
+logger = logging.getLogger("vllm.affinity")
+
+NUM_KEPT_FIELD = "affinity_num_kept"
+STATS_INTERVAL_S = 10.0
+
+
+def server_config(hf_config: Any) -> AffinityConfig:
+    """The server SPEC carried on the HF config by ``--hf-overrides``."""
+    return load_spec(getattr(hf_config, HF_CONFIG_KEY, None), where=f"hf_overrides.{HF_CONFIG_KEY}")
+
+
+class _TokenStats:
+    """Audio tokens in / to the LM, logged at most every STATS_INTERVAL_S (info)."""
+
+    def __init__(self) -> None:
+        self.audios = self.tokens_in = self.tokens_out = 0
+        self.last = time.monotonic()
+
+    def add(self, n: Sequence[int], k: Sequence[int]) -> None:
+        self.audios += len(n)
+        self.tokens_in += sum(n)
+        self.tokens_out += sum(k)
+        now = time.monotonic()
+        if now - self.last >= STATS_INTERVAL_S:
+            saved = 1.0 - self.tokens_out / max(self.tokens_in, 1)
+            logger.info(
+                "vllm-affinity: %d audios in the last %.0f s: %d audio tokens in, %d to the LM "
+                "(%.1f%% saved)",
+                self.audios, now - self.last, self.tokens_in, self.tokens_out, 100 * saved,
+            )
+            self.audios = self.tokens_in = self.tokens_out = 0
+            self.last = now
+
+
+class AffinityQwen2AudioProcessingInfo(Qwen2AudioProcessingInfo):
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        # validated once per engine; a bad SPEC fails here, at start-up
+        self.affinity = server_config(self.get_hf_config())
+        self.stats = _TokenStats()
+
+    def get_hf_processor(self, **kwargs: object):
+        # our keys are not HF processor arguments
+        kwargs.pop(REQUEST_KEEP_RATIO_KEY, None)
+        return super().get_hf_processor(**kwargs)
+
+    def get_data_parser(self):
+        # torchaudio (vLLM's default resampler) is absent from CPU installs: use soxr
+        fe = self.get_feature_extractor()
+        return Qwen2AudioMultiModalDataParser(
+            target_sr=fe.sampling_rate,
+            target_channels=self.get_target_channels(),
+            audio_resample_method="soxr",
+            expected_hidden_size=self._get_expected_hidden_size(),
+            allow_missing_mm_embeddings=self.allow_missing_mm_embeddings,
+        )
+
+
+class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
+    info: AffinityQwen2AudioProcessingInfo
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEEP_RATIO_KEY}
+        return super()._call_hf_processor(hf_data, hf_kwargs)
+
+    def _postprocess_hf_mm_data(self, hf_data, hf_processor_mm_kwargs, processed_data):
+        processed_data = super()._postprocess_hf_mm_data(
+            hf_data, hf_processor_mm_kwargs, processed_data
+        )
+        mask = processed_data.get("feature_attention_mask")
+        if mask is None:  # precomputed embeddings: nothing to pool
+            return processed_data
+        merged_kwargs = self.info.ctx.get_merged_mm_kwargs(hf_processor_mm_kwargs)
+        ratio = request_keep_ratio(self.info.affinity, merged_kwargs)
+        _, lengths = _get_feat_extract_output_lengths(mask.sum(-1))
+        n = [int(x) for x in lengths.tolist()]
+        k = [pooling.num_kept(x, ratio) for x in n]
+        processed_data[NUM_KEPT_FIELD] = torch.tensor(k, dtype=torch.long)
+        logger.debug("vllm-affinity: audio tokens %s -> %s (keep_ratio=%s)", n, k, ratio)
+        self.info.stats.add(n, k)
+        return processed_data
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[NUM_KEPT_FIELD] = MultiModalFieldConfig.batched("audio", keep_on_cpu=True)
+        return fields
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        stock = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        kept = out_mm_kwargs.get_data().get(NUM_KEPT_FIELD)
+        if kept is None:
+            return stock
+        audio_token_id = self.info.get_hf_processor().audio_token_id
+
+        def replacement(item_idx: int) -> list[int]:
+            k = int(kept[item_idx])
+            if k == 0:
+                audio_len = mm_items.get_items("audio", AudioProcessorItems).get_audio_length(item_idx)
+                raise ValueError(
+                    f"The audio (len={audio_len}) is too short to be represented inside the model"
+                )
+            return [audio_token_id] * k
+
+        return [PromptReplacement(modality="audio", target=[audio_token_id], replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    AffinityQwen2AudioMultiModalProcessor,
+    info=AffinityQwen2AudioProcessingInfo,
+    dummy_inputs=Qwen2AudioDummyInputsBuilder,
+)
+class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGeneration):
+    """Stock Qwen2-Audio whose audio embeddings are pooled to the processor's count."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        extra = vllm_config.additional_config or {}
+        if isinstance(extra, dict) and HF_CONFIG_KEY in extra:
+            raise AffinityConfigError(
+                "additional_config.affinity is not read: in vLLM 0.32 the multimodal processor, "
+                "which fixes each audio's token count, cannot see --additional-config. Pass "
+                "--hf-overrides '{\"affinity\": SPEC}' (or `vllm-affinity serve --affinity SPEC`)."
+            )
+        self.affinity = server_config(vllm_config.model_config.hf_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        logger.info("vllm-affinity: Qwen2-Audio with Affinity Pooling, %s", self.affinity.describe())
+
+    def embed_multimodal(self, **kwargs: object):
+        kept = kwargs.pop(NUM_KEPT_FIELD, None)
+        embeds = super().embed_multimodal(**kwargs)
+        if kept is None:
+            return embeds
+        kept = [int(x) for x in (kept.tolist() if isinstance(kept, torch.Tensor) else kept)]
+        if len(kept) != len(embeds):
+            raise RuntimeError(f"vllm-affinity: {len(kept)} kept counts for {len(embeds)} audios")
+        stage = self.affinity.input
+        method = stage.method if stage is not None else "affinity"
+        window = stage.window if stage is not None else 1
+        return tuple(
+            pooling.merge(e, pooling.group_sizes(e, k, method, window)) for e, k in zip(embeds, kept)
+        )

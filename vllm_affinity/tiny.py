@@ -1,0 +1,207 @@
+"""Build a tiny random-weight Qwen2-Audio checkpoint, fully offline.
+
+    python -m vllm_affinity.tiny OUT_DIR [--layers N] [--hidden H] [--heads A]
+                                         [--kv-heads K] [--seed S] [--sharpen F]
+
+The checkpoint loads in both Hugging Face transformers and vLLM:
+byte-level BPE tokenizer (trained here with `tokenizers`) carrying the Qwen2-Audio
+special tokens, a 128-bin Whisper feature extractor, `Qwen2AudioProcessor`, a chat
+template that renders audio parts, and weights saved under the hub's names
+(`audio_tower.*`, `multi_modal_projector.*`, `language_model.model.*`,
+`language_model.lm_head.*`) which vLLM expects.
+
+Random init makes attention nearly uniform, which hides position and pooling bugs
+(logits move by 1e-5). ``--sharpen`` (default 8) scales the text layers' q/k
+projections so attention is sharp and such bugs move logits by >= 1e-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|audio_bos|>",
+    "<|AUDIO|>",
+    "<|audio_eos|>",
+]
+
+# Renders string content, and list content with audio parts in the shapes both vLLM
+# (`{"type": "audio"}`) and transformers (`{"type": "audio", "audio_url": ...}`) use.
+CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] in ['audio', 'audio_url', 'input_audio'] or 'audio' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = """
+the quick brown fox jumps over the lazy dog. what is said in the audio? please transcribe
+the speech. a speech language model listens to audio and answers questions about it.
+affinity pooling merges adjacent audio tokens whose hidden states are nearly identical.
+one two three four five six seven eight nine ten. hello world, how are you today?
+you are a helpful assistant. system user assistant. describe the sound. 0123456789
+"""
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _hub_name(name: str) -> str:
+    """Map transformers-5 parameter names to the hub layout that vLLM loads."""
+    for old, new in (
+        ("model.audio_tower.", "audio_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ):
+        if name.startswith(old):
+            return new + name[len(old) :]
+    raise ValueError(f"unexpected parameter name {name!r}")
+
+
+def build(
+    out_dir: str | Path,
+    *,
+    layers: int = 4,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    sharpen: float = 8.0,
+    audio_layers: int = 2,
+    audio_d_model: int = 64,
+    vocab_size: int = 512,
+) -> Path:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    if hidden % heads or heads % kv_heads:
+        raise ValueError("--hidden must be divisible by --heads, --heads by --kv-heads")
+    if hidden // heads < 32:
+        raise ValueError(f"head_dim = hidden / heads = {hidden // heads}; vLLM's CPU attention needs >= 32")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(vocab_size)
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=30)
+    processor = Qwen2AudioProcessor(
+        feature_extractor=fe, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+    audio_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    vocab = len(tokenizer)
+
+    config = Qwen2AudioConfig(
+        audio_config={
+            "model_type": "qwen2_audio_encoder",
+            "num_mel_bins": 128,
+            "encoder_layers": audio_layers,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": audio_d_model * 2,
+            "d_model": audio_d_model,
+            "max_source_positions": 1500,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+            "bos_token_id": eot,
+            "eos_token_id": im_end,
+        },
+        audio_token_index=audio_id,
+    )
+    config.architectures = ["Qwen2AudioForConditionalGeneration"]
+    config.dtype = "float32"
+
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    state = {_hub_name(k): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    gen = {"eos_token_id": im_end, "pad_token_id": eot, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m vllm_affinity.tiny", description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sharpen", type=float, default=8.0, help="scale of text q/k weights (default 8)")
+    a = p.parse_args(argv)
+    out = build(
+        a.out_dir,
+        layers=a.layers,
+        hidden=a.hidden,
+        heads=a.heads,
+        kv_heads=a.kv_heads,
+        seed=a.seed,
+        sharpen=a.sharpen,
+    )
+    print(f"tiny Qwen2-Audio written to {out}")
+
+
+if __name__ == "__main__":
+    main()
