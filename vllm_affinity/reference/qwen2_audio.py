@@ -10,6 +10,7 @@ log-probabilities over the whole vocabulary (fp32).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -112,17 +113,23 @@ class ReferenceQwen2Audio:
         window: int = 1,
         mode: Literal["exact", "threshold"] = "exact",
         tau: float | None = None,
+        pool_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> ReferenceOutput:
-        """Greedy decoding; ``prompt`` holds one ``<|AUDIO|>`` per audio (unexpanded)."""
+        """Greedy decoding; ``prompt`` holds one ``<|AUDIO|>`` per audio (unexpanded).
+
+        ``pool_fn`` replaces the pooling (tests use it for deliberately wrong variants).
+        """
         ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         n_slots = sum(1 for t in ids if t == self.audio_token_id)
         if n_slots != len(audios):
             raise ValueError(f"prompt has {n_slots} audio placeholders for {len(audios)} audios")
         raw = self.audio_embeddings(audios) if audios else []
-        pooled = [
-            self.pool(e, keep_ratio=keep_ratio, method=method, window=window, mode=mode, tau=tau)
-            for e in raw
-        ]
+        if pool_fn is None:
+
+            def pool_fn(e: torch.Tensor) -> torch.Tensor:
+                return self.pool(e, keep_ratio=keep_ratio, method=method, window=window, mode=mode, tau=tau)
+
+        pooled = [pool_fn(e) for e in raw]
         full: list[int] = []
         it = iter(pooled)
         for t in ids:

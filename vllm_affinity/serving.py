@@ -1,0 +1,95 @@
+"""Start and stop a real `vllm-affinity serve` (i.e. `vllm serve`) on 127.0.0.1.
+
+Used by the demo, the server tests and the serving benchmark. No vLLM import: the
+server is a child process; we talk to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``with ServerProcess(model, ["--affinity", "paper-aggressive"]) as srv: srv.base_url``"""
+
+    def __init__(
+        self,
+        model: str | Path,
+        args: list[str] | None = None,
+        *,
+        log_path: str | Path,
+        served_model_name: str = "model",
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 240.0,
+        plain_vllm: bool = False,
+    ) -> None:
+        self.port = free_port()
+        self.model_name = served_model_name
+        self.log_path = Path(log_path)
+        self.startup_timeout = startup_timeout
+        bindir = Path(sys.executable).parent
+        exe = [str(bindir / "vllm")] if plain_vllm else [str(bindir / "vllm-affinity")]
+        self.cmd = exe + [
+            "serve",
+            str(model),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--served-model-name", served_model_name,
+            *(args or []),
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> "ServerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode} during start-up; log tail:\n"
+                    + self.log()[-4000:]
+                )
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1.0)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"server not healthy after {self.startup_timeout} s; log tail:\n" + self.log()[-4000:])
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log_file.close()
