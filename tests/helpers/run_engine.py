@@ -17,7 +17,7 @@ def main() -> None:
     job = json.loads(open(sys.argv[1]).read())
     from vllm import LLM, SamplingParams
 
-    kw = dict(job["engine_kw"])
+    kw = dict(job["engine_kw"], **job.get("engine_kw_extra", {}))
     if job.get("hf_overrides"):
         kw["hf_overrides"] = job["hf_overrides"]
     llm = LLM(job["model"], **kw)

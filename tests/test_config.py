@@ -1,0 +1,157 @@
+"""Config validation, presets, per-request values and the CLI's command building."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from vllm_affinity import cli
+from vllm_affinity.config import (
+    AffinityConfigError,
+    load_spec,
+    preset_names,
+    presets_dir,
+    request_keep_ratio,
+)
+
+
+@pytest.mark.parametrize("name", ["paper-aggressive", "paper-conservative", "off", "uniform-74"])
+def test_presets_load(name):
+    assert name in preset_names()
+    load_spec(name)
+
+
+def test_paper_aggressive_uses_measured_retention():
+    cfg = load_spec("paper-aggressive")
+    assert cfg.input.keep_ratio == 0.7432 and cfg.input.window == 1 and cfg.input.method == "affinity"
+    assert not load_spec("off").enabled
+
+
+def test_every_preset_states_its_basis():
+    for path in presets_dir().glob("*.yaml"):
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
+        if data.get("input"):
+            assert "Basis:" in text, f"{path.name} does not state the basis of its values"
+
+
+def test_spec_object_path_and_missing_stage(tmp_path):
+    assert load_spec({"input": {"keep_ratio": 0.5}}).input.window == 1
+    assert load_spec({}).input is None
+    f = tmp_path / "mine.yaml"
+    f.write_text("input:\n  keep_ratio: 0.6\n  window: 2\n  method: uniform\n")
+    cfg = load_spec(str(f))
+    assert (cfg.input.keep_ratio, cfg.input.window, cfg.input.method) == (0.6, 2, "uniform")
+
+
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"input": {"keep_ratio": 0}}, "input.keep_ratio"),
+        ({"input": {"keep_ratio": 1.2}}, "input.keep_ratio"),
+        ({"input": {"keep_ratio": "half"}}, "input.keep_ratio"),
+        ({"input": {"keep_ratio": True}}, "input.keep_ratio"),
+        ({"input": {"keep_ratio": float("nan")}}, "input.keep_ratio"),
+        ({"input": {"keep_ratio": 0.5, "window": 0}}, "input.window"),
+        ({"input": {"keep_ratio": 0.5, "method": "random"}}, "input.method"),
+        ({"input": {"keep_ratio": 0.5, "windw": 2}}, "input.windw"),
+        ({"input": {}}, "input.keep_ratio"),
+        ({"deep": {"merge_layer": 29}}, "deep"),
+        ({"allow_request_override": "maybe"}, "allow_request_override"),
+        ("no-such-preset", "unknown preset"),
+        ("/nonexistent/file.yaml", "not found"),
+        (42, "must be a preset name"),
+    ],
+)
+def test_bad_spec_names_the_field(spec, field):
+    with pytest.raises(AffinityConfigError) as e:
+        load_spec(spec, where="hf_overrides.affinity")
+    assert field in str(e.value)
+    assert "hf_overrides.affinity" in str(e.value)
+
+
+def test_request_override():
+    cfg = load_spec("paper-aggressive")
+    assert request_keep_ratio(cfg, None) == 0.7432
+    assert request_keep_ratio(cfg, {"affinity_keep_ratio": 0.5}) == 0.5
+    assert request_keep_ratio(cfg, {"affinity_keep_ratio": 1}) == 1.0
+    assert request_keep_ratio(load_spec("off"), {}) == 1.0
+    for bad in (0, 1.5, -1, "0.5", None, True, float("inf"), [0.5]):
+        with pytest.raises(AffinityConfigError, match="mm_processor_kwargs.affinity_keep_ratio"):
+            request_keep_ratio(cfg, {"affinity_keep_ratio": bad})
+    locked = load_spec({"input": {"keep_ratio": 0.7}, "allow_request_override": False})
+    with pytest.raises(AffinityConfigError, match="disabled"):
+        request_keep_ratio(locked, {"affinity_keep_ratio": 0.5})
+
+
+# -- CLI ------------------------------------------------------------------------------------
+def _serve(argv, env=None):
+    return cli.build_serve_command(argv, env or {"PATH": ""})
+
+
+def test_serve_translates_spec_to_hf_overrides():
+    cmd, env = _serve(["m", "--plugin", "affinity", "--affinity", "paper-conservative", "--port", "9"])
+    assert cmd[1:3] == ["serve", "m"]
+    assert "--port" in cmd and "--plugin" not in cmd and "--affinity" not in cmd
+    i = cmd.index("--hf-overrides")
+    assert json.loads(cmd[i + 1]) == {"affinity": "paper-conservative"}
+    assert "--trust-request-mm-kwargs" in cmd
+
+
+def test_serve_merges_existing_hf_overrides_and_json_spec():
+    cmd, _ = _serve(["m", "--hf-overrides", '{"max_position_embeddings": 9}',
+                     "--affinity", '{"input": {"keep_ratio": 0.5}}'])
+    ov = json.loads(cmd[cmd.index("--hf-overrides") + 1])
+    assert ov == {"max_position_embeddings": 9, "affinity": {"input": {"keep_ratio": 0.5}}}
+
+
+def test_serve_default_preset_and_plugin_allow_list():
+    cmd, env = _serve(["m"], {"VLLM_PLUGINS": "lora_filesystem_resolver", "PATH": ""})
+    assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"affinity": cli.DEFAULT_PRESET}
+    assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,affinity"
+    _, env = _serve(["m"], {"VLLM_PLUGINS": "", "PATH": ""})
+    assert env["VLLM_PLUGINS"] == "affinity"
+
+
+def test_serve_locked_spec_does_not_trust_request_kwargs(tmp_path):
+    f = tmp_path / "locked.yaml"
+    f.write_text("input: {keep_ratio: 0.7}\nallow_request_override: false\n")
+    cmd, _ = _serve(["m", "--affinity", str(f)])
+    assert "--trust-request-mm-kwargs" not in cmd
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["m", "--plugin", "fastv"], "unknown plugin 'fastv'"),
+        (["m", "--affinity", '{"input": {"keep_ratio": 2}}'], "input.keep_ratio"),
+        (["m", "--affinity", "{not json"], "invalid JSON"),
+        (["m", "--affinity", "off", "--hf-overrides", '{"affinity": "off"}'], "give the SPEC once"),
+        (["m", "--affinity"], "needs a value"),
+    ],
+)
+def test_serve_refuses_bad_arguments(argv, msg):
+    with pytest.raises(cli.UsageError, match=msg):
+        _serve(argv)
+
+
+def test_cli_exit_code_and_message():
+    r = subprocess.run(
+        [sys.executable, "-m", "vllm_affinity.cli", "serve", "m", "--affinity", '{"input": {"window": 2}}'],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 2
+    assert "input.keep_ratio" in r.stderr
+
+
+def test_package_import_is_cheap():
+    code = (
+        "import sys, vllm_affinity, vllm_affinity.config, vllm_affinity.cli;"
+        "bad=[m for m in ('vllm','torch','transformers') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
