@@ -155,3 +155,20 @@ def test_package_import_is_cheap():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_wheel_ships_presets(tmp_path):
+    """Installed from a wheel (no source tree beside it), presets still resolve."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "whl"), str(root)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "whl").glob("vllm_affinity-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("import vllm_affinity.config as c; d=c.presets_dir(); assert 'site' in str(d), d;"
+            "assert c.load_spec('paper-aggressive').input.keep_ratio == 0.7432;"
+            "assert (d / 'models/qwen2-audio-7b-instruct/config.json').is_file()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
+                   env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""})
