@@ -39,5 +39,13 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
         logger.debug("vllm-affinity: %s -> %s", arch, target)
 
+    # deep stage: its KV-cache spec/manager and the config hook that enables it
+    from .engine.config_hook import register_config_hook
+    from .engine.kv import register_kv_spec
+
+    register_kv_spec()
+    for arch in MODELS:
+        register_config_hook(arch)
+
 
 __all__ = ["register", "MODELS", "__version__"]

@@ -55,23 +55,63 @@ class InputStage(_Strict):
         return v
 
 
+class DeepStage(_Strict):
+    """Pooling of the audio hidden states after decoder layer ``merge_layer``.
+
+    ``merge_layer`` is 0-based: the merge applies to the OUTPUT of decoder layer L;
+    layers L+1.. compute on (and keep KV cache for) the merged sequence. Negative
+    values count from the end (-3 is layer 29 of 32, the paper's choice), so a preset
+    fits models of other depths. Valid: 0 <= L <= num_layers - 2 after resolving.
+    ``keep_ratio`` is relative to the audio tokens that reach the deep stage.
+    """
+
+    merge_layer: int = Field(description="decoder layer whose output is merged (0-based; <0 from the end)")
+    keep_ratio: float = Field(gt=0.0, le=1.0, description="fraction of each audio span kept at the deep stage")
+    window: int = Field(3, ge=1, le=64, description="look-back window (omega) of the affinity score")
+    method: Literal["affinity", "uniform"] = "affinity"
+
+    _finite = field_validator("keep_ratio", mode="before")(InputStage._finite_number.__func__)
+
+    def resolve_layer(self, num_layers: int) -> int:
+        """The absolute merge layer for a model with ``num_layers`` decoder layers."""
+        layer = self.merge_layer + num_layers if self.merge_layer < 0 else self.merge_layer
+        if not 0 <= layer <= num_layers - 2:
+            raise AffinityConfigError(
+                f"invalid vllm-affinity config: deep.merge_layer={self.merge_layer} resolves to "
+                f"layer {layer}, but this model has {num_layers} decoder layers: the merge must "
+                f"apply to a layer in [0, {num_layers - 2}] (or [-{num_layers}, -2] from the end) "
+                "so that at least one layer computes on the merged sequence"
+            )
+        return layer
+
+
 class AffinityConfig(_Strict):
-    """The whole plugin configuration. ``input=None`` means the input stage is off."""
+    """The whole plugin configuration. A stage that is None is off."""
 
     input: InputStage | None = None
+    deep: DeepStage | None = None
     allow_request_override: bool = Field(
         True, description=f"accept mm_processor_kwargs.{REQUEST_KEEP_RATIO_KEY} per request"
     )
 
     @property
     def enabled(self) -> bool:
-        return self.input is not None
+        return self.input is not None or self.deep is not None
 
     def describe(self) -> str:
-        if self.input is None:
-            return "input stage off"
+        parts = []
         s = self.input
-        return f"input stage: keep_ratio={s.keep_ratio}, window={s.window}, method={s.method}"
+        parts.append(
+            "input stage off" if s is None
+            else f"input stage: keep_ratio={s.keep_ratio}, window={s.window}, method={s.method}"
+        )
+        d = self.deep
+        parts.append(
+            "deep stage off" if d is None
+            else f"deep stage: merge_layer={d.merge_layer}, keep_ratio={d.keep_ratio}, "
+            f"window={d.window}, method={d.method}"
+        )
+        return "; ".join(parts)
 
 
 def presets_dir() -> Path:
@@ -94,8 +134,6 @@ def _format_error(err: ValidationError, where: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-            if loc == "deep" or loc.startswith("deep."):
-                msg += " (the deep stage is not available in this version)"
         lines.append(f"{where}.{loc}: {msg} (got {e.get('input')!r})")
     return "invalid vllm-affinity config: " + "; ".join(lines)
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.qwen2_audio import (
     Qwen2AudioDummyInputsBuilder,
     Qwen2AudioForConditionalGeneration,
@@ -33,6 +34,7 @@ from vllm.multimodal.parse import AudioProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .. import pooling
+from ..engine.kv import AffinityDeepAttentionSpec
 from ..config import (
     HF_CONFIG_KEY,
     REQUEST_KEEP_RATIO_KEY,
@@ -154,6 +156,46 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
         return [PromptReplacement(modality="audio", target=[audio_token_id], replacement=replacement)]
 
 
+class AffinityDeepAttention(Attention):
+    """Attention of a layer above the merge point: its KV lives in the deep group."""
+
+    def get_kv_cache_spec(self, vllm_config):
+        return AffinityDeepAttentionSpec.from_attention_spec(super().get_kv_cache_spec(vllm_config))
+
+
+def merge_step(h, residual, positions, step, method: str, window: int):
+    """Merge every audio span of the step (flattened rows) after the merge layer.
+
+    Affinity is computed on the residual stream h + residual (what the HF decoder layer
+    returns); a merged row carries the mean stream in ``h`` and zero residual. Returns
+    (h, residual, positions) with C rows and ``back``: the row of each of the T tokens.
+    """
+    hs, rs, ps, back = [], [], [], []
+    cursor = row = 0
+
+    def copy(a: int, b: int) -> None:
+        nonlocal row
+        if b > a:
+            hs.append(h[a:b]); rs.append(residual[a:b]); ps.append(positions[a:b])
+            back.append(torch.arange(row, row + b - a, device=h.device))
+            row += b - a
+
+    for a, m, k in step.spans:
+        copy(cursor, a)
+        x = h[a : a + m] + residual[a : a + m]
+        sizes = pooling.group_sizes(x, k, method, window)
+        merged = pooling.merge(x, sizes)
+        hs.append(merged); rs.append(torch.zeros_like(merged))
+        ps.append(pooling.merge_positions(positions[a : a + m], sizes))
+        back.append(row + pooling.group_index(sizes, h.device))
+        row += k
+        cursor = a + m
+    copy(cursor, h.shape[0])
+    if row != step.num_rows:
+        raise RuntimeError(f"vllm-affinity: merged to {row} rows, the runner planned {step.num_rows}")
+    return torch.cat(hs), torch.cat(rs), torch.cat(ps), torch.cat(back)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     AffinityQwen2AudioMultiModalProcessor,
     info=AffinityQwen2AudioProcessingInfo,
@@ -172,7 +214,33 @@ class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGenerat
             )
         self.affinity = server_config(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.affinity_step = None  # set by the runner for each forward pass
+        self.deep_layer: int | None = None
+        if self.affinity.deep is not None:
+            layers = self.language_model.model.layers
+            self.deep_layer = self.affinity.deep.resolve_layer(len(layers))
+            for layer in layers[self.deep_layer + 1 :]:
+                layer.self_attn.attn.__class__ = AffinityDeepAttention
         logger.info("vllm-affinity: Qwen2-Audio with Affinity Pooling, %s", self.affinity.describe())
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if self.deep_layer is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        lm = self.language_model.model
+        h = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
+        residual = None
+        for layer in lm.layers[: self.deep_layer + 1]:
+            h, residual = layer(positions, h, residual)
+        step, back = self.affinity_step, None
+        if step is not None and step.spans:
+            deep = self.affinity.deep
+            h, residual, positions, back = merge_step(h, residual, positions, step, deep.method, deep.window)
+        for layer in lm.layers[self.deep_layer + 1 :]:
+            h, residual = layer(positions, h, residual)
+        h, _ = lm.norm(h, residual)
+        # one row per scheduled token again (logits are read at the last token of each
+        # request, which is never inside an audio span in chat prompts)
+        return h if back is None else h[back]
 
     def embed_multimodal(self, **kwargs: object):
         kept = kwargs.pop(NUM_KEPT_FIELD, None)

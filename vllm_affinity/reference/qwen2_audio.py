@@ -5,6 +5,13 @@ The audio path mirrors transformers' own forward (encoder with the padding mask,
 projector, drop padded frames); the pooled embeddings replace K placeholder tokens
 and a plain greedy loop with the HF KV cache produces tokens and per-step
 log-probabilities over the whole vocabulary (fp32).
+
+Optional deep merge stage (``deep_merge_layer=L``): decoder layers 0..L run on the
+full prompt (positions 0..T-1); each audio span of the output of layer L is merged
+again (groups chosen on that hidden state, rows = group means, positions = floor of
+the mean member position); layers L+1.. run on the compacted sequence with those
+positions and hold a compacted KV cache. Decode tokens keep their original
+positions (T, T+1, ...) in every layer.
 """
 
 from __future__ import annotations
@@ -40,6 +47,15 @@ class ReferenceOutput:
     logprobs: list[torch.Tensor] = field(repr=False)  # per step, (vocab,) fp32 log-softmax
     audio_tokens_in: list[int] = field(default_factory=list)
     audio_tokens_kept: list[int] = field(default_factory=list)
+    # deep merge stage (empty / None when off): K per audio after layer L, and the
+    # number of KV entries the layers above L hold at the end of generation
+    deep_tokens_kept: list[int] = field(default_factory=list)
+    deep_kv_len: int | None = None
+
+
+def _causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (1, 1, n, n) mask: 0 where key <= query, -inf above the diagonal."""
+    return torch.full((n, n), float("-inf"), dtype=dtype).triu(1)[None, None]
 
 
 class ReferenceQwen2Audio:
@@ -114,11 +130,32 @@ class ReferenceQwen2Audio:
         mode: Literal["exact", "threshold"] = "exact",
         tau: float | None = None,
         pool_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        deep_merge_layer: int | None = None,
+        deep_keep_ratio: float = 1.0,
+        deep_window: int = 3,
+        deep_method: pooling.Method = "affinity",
+        deep_pool_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> ReferenceOutput:
         """Greedy decoding; ``prompt`` holds one ``<|AUDIO|>`` per audio (unexpanded).
 
         ``pool_fn`` replaces the pooling (tests use it for deliberately wrong variants).
+        ``deep_merge_layer`` (0-based, ``0 <= L <= num_layers - 2``) turns on the deep
+        merge stage after decoder layer L; ``deep_pool_fn`` maps an (m, hidden) span of
+        that layer's output to group ``sizes`` (default: ``pooling.group_sizes`` with
+        ``num_kept(m, deep_keep_ratio)``, ``deep_method``, ``deep_window``).
         """
+        n_layers = int(self.model.model.language_model.config.num_hidden_layers)
+        if deep_merge_layer is not None:
+            if isinstance(deep_merge_layer, bool) or not isinstance(deep_merge_layer, int):
+                raise ValueError(f"deep_merge_layer must be an int or None, got {deep_merge_layer!r}")
+            if not 0 <= deep_merge_layer <= n_layers - 2:
+                raise ValueError(
+                    f"deep_merge_layer must be in [0, {n_layers - 2}] (num_layers - 2) for a "
+                    f"{n_layers}-layer decoder, got {deep_merge_layer}"
+                )
+            attn_impl = self.model.model.language_model.config._attn_implementation
+            if attn_impl not in ("eager", "sdpa"):
+                raise ValueError(f"deep_merge_layer needs eager or sdpa attention, model uses {attn_impl!r}")
         ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         n_slots = sum(1 for t in ids if t == self.audio_token_id)
         if n_slots != len(audios):
@@ -131,15 +168,41 @@ class ReferenceQwen2Audio:
 
         pooled = [pool_fn(e) for e in raw]
         full: list[int] = []
+        spans: list[tuple[int, int]] = []  # (start, length) of each audio's run in `full`
         it = iter(pooled)
         for t in ids:
-            full.extend([t] * next(it).shape[0] if t == self.audio_token_id else [t])
+            if t == self.audio_token_id:
+                m = int(next(it).shape[0])
+                spans.append((len(full), m))
+                full.extend([t] * m)
+            else:
+                full.append(t)
         input_ids = torch.tensor([full])
         lm = self.model.model.language_model
         embeds = lm.get_input_embeddings()(input_ids)
         if pooled:
             audio_mask = input_ids[0] == self.audio_token_id
             embeds[0, audio_mask] = torch.cat(pooled).to(embeds.dtype)
+
+        if deep_merge_layer is not None:
+            if deep_pool_fn is None:
+
+                def deep_pool_fn(x: torch.Tensor) -> torch.Tensor:
+                    k = pooling.num_kept(x.shape[0], deep_keep_ratio)
+                    return pooling.group_sizes(x, k, deep_method, deep_window)
+
+            out_ids, logprobs, deep_kept, deep_kv_len = self._generate_deep(
+                embeds, spans, max_new_tokens, deep_merge_layer, deep_pool_fn
+            )
+            return ReferenceOutput(
+                prompt_token_ids=full,
+                token_ids=out_ids,
+                logprobs=logprobs,
+                audio_tokens_in=[int(e.shape[0]) for e in raw],
+                audio_tokens_kept=[int(p.shape[0]) for p in pooled],
+                deep_tokens_kept=deep_kept,
+                deep_kv_len=deep_kv_len,
+            )
 
         out_ids: list[int] = []
         logprobs: list[torch.Tensor] = []
@@ -163,6 +226,78 @@ class ReferenceQwen2Audio:
             audio_tokens_in=[int(e.shape[0]) for e in raw],
             audio_tokens_kept=[int(p.shape[0]) for p in pooled],
         )
+
+    def _generate_deep(
+        self,
+        embeds: torch.Tensor,
+        spans: list[tuple[int, int]],
+        max_new_tokens: int,
+        merge_layer: int,
+        deep_pool_fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[list[int], list[torch.Tensor], list[int], int]:
+        """Greedy loop driving the decoder layers one by one with the deep merge after
+        layer ``merge_layer``. Returns (tokens, logprobs, K per audio, deep KV length)."""
+        from transformers import DynamicCache
+
+        lm = self.model.model.language_model
+        layers = list(lm.layers)
+        shallow, deep = layers[: merge_layer + 1], layers[merge_layer + 1 :]
+        cache = DynamicCache(config=lm.config)  # per-layer caches, independent lengths
+        dtype = embeds.dtype
+        T = embeds.shape[1]
+
+        def run(stack, h, pos, mask):
+            pe = lm.rotary_emb(h, pos)
+            for layer in stack:
+                h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
+            return h
+
+        out_ids: list[int] = []
+        logprobs: list[torch.Tensor] = []
+        kept: list[int] = []
+        for step in range(max_new_tokens):
+            if step == 0:
+                # prefill: layers 0..L on the full prompt, positions 0..T-1
+                pos = torch.arange(T)[None, :]
+                x = run(shallow, embeds, pos, _causal_mask(T, dtype))[0]
+                rows, new_pos = [], []
+                cursor = 0
+                for start, m in spans:
+                    if start < cursor:
+                        raise ValueError("audio spans overlap")
+                    rows.append(x[cursor:start])
+                    new_pos.append(pos[0, cursor:start])
+                    if m > 0:
+                        span = x[start : start + m]
+                        sizes = torch.as_tensor(deep_pool_fn(span), dtype=torch.long).cpu()
+                        if sizes.dim() != 1 or int(sizes.sum()) != m or bool((sizes < 1).any()):
+                            raise ValueError(f"deep group sizes {sizes.tolist()} do not split a span of {m}")
+                        rows.append(pooling.merge(span, sizes))
+                        new_pos.append(pooling.merge_positions(pos[0, start : start + m], sizes))
+                        kept.append(int(sizes.numel()))
+                    else:
+                        kept.append(0)
+                    cursor = start + m
+                rows.append(x[cursor:])
+                new_pos.append(pos[0, cursor:])
+                h = torch.cat(rows)[None]
+                pos_c = torch.cat(new_pos)[None, :]
+                C = h.shape[1]
+                # layers L+1.. on the compacted sequence, merged positions, causal in compacted order
+                h = run(deep, h, pos_c, _causal_mask(C, dtype))
+            else:
+                # decode: original position T + step - 1 in every layer, one query sees all keys
+                pos = torch.tensor([[T + step - 1]])
+                h = lm.get_input_embeddings()(torch.tensor([[out_ids[-1]]]))
+                h = run(shallow, h, pos, None)
+                h = run(deep, h, pos, None)
+            logits = self.model.lm_head(lm.norm(h)[0, -1]).float()
+            lp = torch.log_softmax(logits, dim=-1)
+            nxt = int(torch.argmax(logits))
+            out_ids.append(nxt)
+            logprobs.append(lp)
+        deep_kv_len = int(cache.get_seq_length(merge_layer + 1)) if max_new_tokens > 0 else 0
+        return out_ids, logprobs, kept, deep_kv_len
 
 
 def calibrate_keep_ratio(

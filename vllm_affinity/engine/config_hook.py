@@ -1,0 +1,93 @@
+"""Per-architecture config hook: what the deep stage needs from the rest of vLLM.
+
+vLLM runs ``MODELS_CONFIG_MAP[architecture].verify_and_update_config(vllm_config)``
+while building the config (VllmConfig.__post_init__), in the process that parses the
+arguments, before any engine process starts. Registering our architecture there is
+the config-time extension point (the same map vLLM's own models use).
+
+With a deep stage it sets, each with a log line:
+* prefix caching off: a compacted block is not a prefix of the stock token blocks;
+* ``disable_chunked_mm_input``: an audio span is merged whole, never across chunks;
+* eager mode: the merge has data-dependent shapes inside the decoder stack;
+* our scheduler and worker classes (refusing conflicting user choices);
+* the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0);
+* no pipeline parallelism (the merge must see the whole decoder stack).
+Validation of the SPEC happens here too, so a bad value stops start-up early.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+logger = logging.getLogger("vllm.affinity")
+
+SCHEDULER_CLS = "vllm_affinity.engine.scheduler.AffinityScheduler"
+CPU_WORKER_CLS = "vllm_affinity.engine.worker.AffinityCPUWorker"
+GPU_WORKER_CLS = "vllm_affinity.engine.gpu_worker.AffinityGPUWorker"
+
+
+class AffinityConfigHook(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from ..models.qwen2_audio import server_config
+
+        cfg = server_config(vllm_config.model_config.hf_config)
+        if cfg.deep is None:
+            return
+        num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+        layer = cfg.deep.resolve_layer(num_layers)
+        logger.info("vllm-affinity: deep stage merges after decoder layer %d of %d", layer, num_layers)
+
+        cache = vllm_config.cache_config
+        if cache.enable_prefix_caching:
+            cache.enable_prefix_caching = False
+            logger.info("vllm-affinity: prefix caching disabled (deep stage: compacted KV blocks "
+                        "are not prefix-cacheable)")
+        sched = vllm_config.scheduler_config
+        if not sched.disable_chunked_mm_input:
+            sched.disable_chunked_mm_input = True
+            logger.info("vllm-affinity: disable_chunked_mm_input=True (an audio span is merged whole)")
+        if sched.scheduler_cls not in (None, SCHEDULER_CLS):
+            raise ValueError(f"vllm-affinity: the deep stage needs scheduler_cls={SCHEDULER_CLS}, "
+                             f"got {sched.scheduler_cls}")
+        if getattr(sched, "async_scheduling", False):
+            sched.async_scheduling = False
+            logger.info("vllm-affinity: async scheduling disabled (deep stage)")
+        sched.scheduler_cls = SCHEDULER_CLS
+
+        par = vllm_config.parallel_config
+        if par.pipeline_parallel_size > 1:
+            raise ValueError("vllm-affinity: the deep stage does not support pipeline parallelism "
+                             "(the merge must see the whole decoder stack)")
+        from vllm.platforms import current_platform
+
+        worker = CPU_WORKER_CLS if current_platform.is_cpu() else GPU_WORKER_CLS
+        if par.worker_cls not in ("auto", worker):
+            raise ValueError(f"vllm-affinity: the deep stage needs worker_cls={worker}, got {par.worker_cls}")
+        par.worker_cls = worker
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            logger.info("vllm-affinity: V1 model runner forced (VLLM_USE_V2_MODEL_RUNNER=0)")
+
+        model = vllm_config.model_config
+        if not model.enforce_eager:
+            model.enforce_eager = True
+            logger.info("vllm-affinity: eager mode (torch.compile / CUDA graphs off): the deep merge "
+                        "has data-dependent shapes inside the decoder stack")
+        from vllm.config import CompilationMode, CUDAGraphMode
+
+        comp = vllm_config.compilation_config
+        comp.mode = CompilationMode.NONE
+        comp.cudagraph_mode = CUDAGraphMode.NONE
+
+
+def register_config_hook(arch: str) -> None:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    current = MODELS_CONFIG_MAP.get(arch)
+    if current is not None and current is not AffinityConfigHook:
+        raise RuntimeError(f"vllm-affinity: {arch} already has a config hook ({current.__name__})")
+    MODELS_CONFIG_MAP[arch] = AffinityConfigHook

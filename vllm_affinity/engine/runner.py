@@ -1,0 +1,187 @@
+"""Model-runner mixin: compacted KV slots and attention metadata for the deep layers.
+
+Per step, from each scheduled request's DeepPlan (the same pure function of its audio
+placeholder ranges that the scheduler's deep KV manager uses):
+
+* the deep layers see ``C`` rows instead of ``T`` tokens: every audio span scheduled
+  in this step becomes its K merged rows, other tokens stay;
+* row r of request i is written at the compacted KV index (position minus the tokens
+  merged away before it) in the deep group's own block table;
+* the deep layers' attention metadata gets compacted query_start_loc, seq_lens and
+  num_actual_tokens (the CPU kernel aligns the causal mask to the END of each
+  sequence, so queries and keys must both be compacted).
+
+The model is told which flattened token ranges to merge (``AffinityStep``); which
+tokens merge is decided there, on the hidden states. Hooks (private V1 runner
+methods, pinned to vLLM 0.32.0 and covered by tests/test_deep.py):
+``_get_slot_mappings``, ``_build_attention_metadata``, ``_model_forward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..plan import EMPTY_PLAN, DeepPlan
+from .kv import AffinityDeepAttentionSpec
+
+
+@dataclass
+class AffinityStep:
+    """What the model needs to merge in one forward pass."""
+
+    # (flat_start, length, kept) of every audio span scheduled in this step, ascending
+    spans: list[tuple[int, int, int]]
+    num_tokens: int  # T, rows below the merge point
+    num_rows: int  # C, rows above it
+
+
+@dataclass
+class _DeepLayout:
+    step: AffinityStep
+    query_start_loc: torch.Tensor  # (num_reqs + 1,) int32, compacted
+    seq_lens: torch.Tensor  # (num_reqs,) int32, compacted
+    slot_index: np.ndarray  # (C,) compacted KV index of each row (per request)
+    row_req: np.ndarray  # (C,) request index of each row
+
+
+class AffinityRunnerMixin:
+    """Mix into a V1 GPUModelRunner subclass (CPUModelRunner on CPU)."""
+
+    _affinity_layout: _DeepLayout | None = None
+    _affinity_in_step: bool = False
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _affinity_deep(self):
+        cfg = getattr(self, "_affinity_cfg", None)
+        if cfg is None:
+            from ..models.qwen2_audio import server_config
+
+            cfg = self._affinity_cfg = server_config(self.vllm_config.model_config.hf_config)
+        return cfg.deep
+
+    def _affinity_deep_gids(self) -> list[int]:
+        return [
+            gid for gid, g in enumerate(self.kv_cache_config.kv_cache_groups)
+            if isinstance(g.kv_cache_spec, AffinityDeepAttentionSpec)
+        ]
+
+    def _affinity_plan(self, req_id: str) -> DeepPlan:
+        deep = self._affinity_deep()
+        state = self.requests[req_id]
+        ranges = [
+            (f.mm_position.offset, f.mm_position.length)
+            for f in (state.mm_features or [])
+            if f.modality == "audio"
+        ]
+        return DeepPlan.from_ranges(ranges, deep.keep_ratio) if ranges else EMPTY_PLAN
+
+    # -- per step -------------------------------------------------------------------------
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        self._affinity_in_step = self._affinity_deep() is not None
+        try:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        finally:
+            self._affinity_in_step = False
+            self._affinity_layout = None
+
+    def _affinity_build_layout(self, num_tokens: int) -> _DeepLayout:
+        num_reqs = self.input_batch.num_reqs
+        qsl = self.query_start_loc.cpu[: num_reqs + 1].numpy()
+        computed = self.input_batch.num_computed_tokens_cpu[:num_reqs]
+        spans_flat: list[tuple[int, int, int]] = []
+        slot_parts, req_parts = [], []
+        c_qsl = np.zeros(num_reqs + 1, dtype=np.int32)
+        c_seq = np.zeros(num_reqs, dtype=np.int32)
+        for i, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
+            start, q = int(computed[i]), int(qsl[i + 1] - qsl[i])
+            end = start + q
+            plan = self._affinity_plan(req_id)
+            # Rows in order: text tokens keep their place (index = position minus the
+            # tokens merged away before it, constant between spans); a span scheduled in
+            # this step becomes its K rows at the span's compacted start.
+            pieces, cursor = [], start
+            for s in plan.spans_in(start, end):
+                pieces.append(np.arange(cursor, s.offset) - plan.removed_before(cursor))
+                c0 = plan.span_compact_start(s)
+                pieces.append(np.arange(c0, c0 + s.kept))
+                spans_flat.append((int(qsl[i]) + s.offset - start, s.length, s.kept))
+                cursor = s.end
+            pieces.append(np.arange(cursor, end) - plan.removed_before(cursor))
+            idx = np.concatenate(pieces).astype(np.int64)
+            slot_parts.append(idx)
+            req_parts.append(np.full(idx.size, i, dtype=np.int64))
+            c_qsl[i + 1] = c_qsl[i] + idx.size
+            c_seq[i] = plan.compacted(end)
+        slot_index = np.concatenate(slot_parts) if slot_parts else np.zeros(0, np.int64)
+        row_req = np.concatenate(req_parts) if req_parts else np.zeros(0, np.int64)
+        step = AffinityStep(spans=spans_flat, num_tokens=num_tokens, num_rows=int(c_qsl[-1]))
+        return _DeepLayout(
+            step=step,
+            query_start_loc=torch.from_numpy(c_qsl),
+            seq_lens=torch.from_numpy(c_seq),
+            slot_index=slot_index,
+            row_req=row_req,
+        )
+
+    def _get_slot_mappings(self, num_tokens_padded, num_reqs_padded, num_tokens_unpadded, ubatch_slices=None):
+        by_gid, by_layer = super()._get_slot_mappings(
+            num_tokens_padded, num_reqs_padded, num_tokens_unpadded, ubatch_slices
+        )
+        if not self._affinity_in_step or by_gid is None:
+            return by_gid, by_layer
+        if ubatch_slices is not None or num_tokens_padded != num_tokens_unpadded:
+            raise RuntimeError("vllm-affinity: the deep stage does not support padded/ubatched steps")
+        layout = self._affinity_layout = self._affinity_build_layout(num_tokens_unpadded)
+        for gid in self._affinity_deep_gids():
+            bt = self.input_batch.block_table[gid]
+            blocks = bt.block_table.np
+            idx = layout.slot_index
+            slots = blocks[layout.row_req, idx // bt.block_size].astype(np.int64) * bt.block_size + idx % bt.block_size
+            mapping = torch.from_numpy(slots).to(by_gid[gid].dtype)
+            by_gid[gid] = mapping
+            for name in self.kv_cache_config.kv_cache_groups[gid].layer_names:
+                by_layer[name] = mapping
+        return by_gid, by_layer
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        attn_metadata, spec_cm = super()._build_attention_metadata(*args, **kwargs)
+        layout = self._affinity_layout
+        if layout is None:
+            return attn_metadata, spec_cm
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        num_reqs = layout.seq_lens.numel()
+        slot_mappings = kwargs.get("slot_mappings") or {}
+        q_lens = layout.query_start_loc.diff()
+        for gid in self._affinity_deep_gids():
+            bt = self.input_batch.block_table[gid]
+            cm = CommonAttentionMetadata(
+                query_start_loc=layout.query_start_loc,
+                query_start_loc_cpu=layout.query_start_loc,
+                seq_lens=layout.seq_lens,
+                seq_lens_cpu_upper_bound=layout.seq_lens,
+                num_reqs=num_reqs,
+                num_actual_tokens=layout.step.num_rows,
+                max_query_len=int(q_lens.max()) if num_reqs else 0,
+                max_seq_len=int(layout.seq_lens.max()) if num_reqs else 0,
+                block_table_tensor=bt.get_device_tensor(num_reqs),
+                slot_mapping=slot_mappings[gid],
+                causal=True,
+                is_prefilling=None,
+            )
+            for attn_group in self.attn_groups[gid]:
+                md = attn_group.get_metadata_builder(0).build(0, cm)
+                for name in attn_group.layer_names:
+                    attn_metadata[name] = md
+        return attn_metadata, spec_cm
+
+    def _model_forward(self, *args, **kwargs):
+        model = self.get_model()
+        model.affinity_step = self._affinity_layout.step if self._affinity_layout else None
+        try:
+            return super()._model_forward(*args, **kwargs)
+        finally:
+            model.affinity_step = None

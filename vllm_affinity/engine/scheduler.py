@@ -1,0 +1,30 @@
+"""``--scheduler-cls`` for the deep stage: binds the deep KV managers to the
+scheduler's request map and the server's deep keep ratio."""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from .kv import AffinityDeepManager
+
+logger = logging.getLogger("vllm.affinity")
+
+
+class AffinityScheduler(Scheduler):
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        from ..models.qwen2_audio import server_config
+
+        deep = server_config(vllm_config.model_config.hf_config).deep
+        managers = [
+            m for m in self.kv_cache_manager.coordinator.single_type_managers
+            if isinstance(m, AffinityDeepManager)
+        ]
+        for m in managers:
+            m.requests = self.requests
+            m.keep_ratio = deep.keep_ratio if deep is not None else 1.0
+        if deep is not None and not managers:
+            raise RuntimeError("vllm-affinity: deep stage on but no deep KV-cache group was created")
+        logger.info("vllm-affinity: scheduler bound %d deep KV-cache group(s)", len(managers))

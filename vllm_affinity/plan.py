@@ -1,0 +1,96 @@
+"""The deterministic deep-merge plan of one request, shared by scheduler and worker.
+
+A request's audio placeholder ranges (offset, length) and the server's deep
+keep ratio fix, before anything runs, how many positions each audio span keeps
+above the merge layer (K = num_kept(length, keep_ratio)). WHICH tokens merge is
+decided later, on the hidden states; HOW MANY is known here. From that:
+
+* ``compacted(n)``: the deep layers' sequence length (= KV slots) once the first n
+  prompt/output tokens are computed. The KV-cache manager allocates exactly
+  ``ceil(compacted(n) / block_size)`` blocks for the deep group.
+* ``slot_index(p)``: the compacted KV index of a non-audio token at position p
+  (``p - removed_before(p)``); audio span s writes its K merged rows at
+  ``span_compact_start(s) + g``.
+
+Spans must be processed whole (vLLM's ``disable_chunked_mm_input``); a token count
+that ends inside a span counts that span as not yet merged (only used as an upper
+bound by the scheduler). Pure Python, no vLLM or torch import.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from .pooling import num_kept
+
+
+@dataclass(frozen=True)
+class Span:
+    offset: int  # position of the span's first token
+    length: int  # tokens entering the deep stage (placeholders of one audio)
+    kept: int  # rows above the merge layer
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def removed(self) -> int:
+        return self.length - self.kept
+
+
+class DeepPlan:
+    """Plan of one request: spans sorted by offset, with prefix sums of removed tokens."""
+
+    __slots__ = ("spans", "_ends", "_removed_prefix")
+
+    def __init__(self, spans: list[Span]) -> None:
+        self.spans = sorted(spans, key=lambda s: s.offset)
+        for a, b in zip(self.spans, self.spans[1:]):
+            if b.offset < a.end:
+                raise ValueError(f"overlapping audio spans {a} and {b}")
+        self._ends = [s.end for s in self.spans]
+        self._removed_prefix = [0]
+        for s in self.spans:
+            self._removed_prefix.append(self._removed_prefix[-1] + s.removed)
+
+    @classmethod
+    def from_ranges(cls, ranges: list[tuple[int, int]], keep_ratio: float) -> "DeepPlan":
+        return cls([Span(o, n, num_kept(n, keep_ratio)) for o, n in ranges if n > 0])
+
+    @property
+    def total_removed(self) -> int:
+        return self._removed_prefix[-1]
+
+    def removed_before(self, n: int) -> int:
+        """Tokens merged away among positions < n (spans that END at or before n)."""
+        return self._removed_prefix[bisect.bisect_right(self._ends, n)]
+
+    def compacted(self, n: int) -> int:
+        """Deep-layer sequence length when the first ``n`` tokens are computed."""
+        return n - self.removed_before(n)
+
+    def slot_index(self, position: int) -> int:
+        """Compacted KV index of a NON-audio token at ``position``."""
+        return position - self.removed_before(position)
+
+    def span_compact_start(self, span: Span) -> int:
+        return span.offset - self.removed_before(span.offset)
+
+    def spans_in(self, start: int, end: int) -> list[Span]:
+        """Spans inside [start, end); raises if one is cut by the range (chunked audio)."""
+        out = []
+        for s in self.spans:
+            if s.end <= start or s.offset >= end:
+                continue
+            if s.offset < start or s.end > end:
+                raise RuntimeError(
+                    f"vllm-affinity: audio span [{s.offset}, {s.end}) is split by the scheduled "
+                    f"range [{start}, {end}); the deep stage needs disable_chunked_mm_input=True"
+                )
+            out.append(s)
+        return out
+
+
+EMPTY_PLAN = DeepPlan([])
