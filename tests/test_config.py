@@ -19,7 +19,9 @@ from vllm_affinity.config import (
 )
 
 
-@pytest.mark.parametrize("name", ["paper-aggressive", "paper-conservative", "off", "uniform-74"])
+@pytest.mark.parametrize(
+    "name", ["paper-aggressive", "paper-conservative", "off", "uniform-74", "input-only", "deep-only"]
+)
 def test_presets_load(name):
     assert name in preset_names()
     load_spec(name)
@@ -28,6 +30,10 @@ def test_presets_load(name):
 def test_paper_aggressive_uses_measured_retention():
     cfg = load_spec("paper-aggressive")
     assert cfg.input.keep_ratio == 0.7432 and cfg.input.window == 1 and cfg.input.method == "affinity"
+    # DAP aggressive keeps 14.91% after both stages: 0.7432 * deep ratio
+    assert abs(cfg.input.keep_ratio * cfg.deep.keep_ratio - 0.1491) < 5e-4
+    assert cfg.deep.window == 3 and cfg.deep.resolve_layer(32) == 29
+    assert load_spec("deep-only").deep.keep_ratio == 0.0518 and load_spec("deep-only").input is None
     assert not load_spec("off").enabled
 
 
@@ -60,7 +66,11 @@ def test_spec_object_path_and_missing_stage(tmp_path):
         ({"input": {"keep_ratio": 0.5, "method": "random"}}, "input.method"),
         ({"input": {"keep_ratio": 0.5, "windw": 2}}, "input.windw"),
         ({"input": {}}, "input.keep_ratio"),
-        ({"deep": {"merge_layer": 29}}, "deep"),
+        ({"deep": {"merge_layer": 29}}, "deep.keep_ratio"),
+        ({"deep": {"merge_layer": 1.5, "keep_ratio": 0.1}}, "deep.merge_layer"),
+        ({"deep": {"merge_layer": 1, "keep_ratio": 0.1, "window": 0}}, "deep.window"),
+        ({"deep": {"merge_layer": 1, "keep_ratio": 1.1}}, "deep.keep_ratio"),
+        ({"deep": {"merge_layer": 1, "keep_ratio": 0.1, "where": 2}}, "deep.where"),
         ({"allow_request_override": "maybe"}, "allow_request_override"),
         ("no-such-preset", "unknown preset"),
         ("/nonexistent/file.yaml", "not found"),
@@ -72,6 +82,18 @@ def test_bad_spec_names_the_field(spec, field):
         load_spec(spec, where="hf_overrides.affinity")
     assert field in str(e.value)
     assert "hf_overrides.affinity" in str(e.value)
+
+
+@pytest.mark.parametrize("layer, n, expect", [(29, 32, 29), (-3, 32, 29), (-3, 4, 1), (0, 4, 0), (2, 4, 2)])
+def test_merge_layer_resolves(layer, n, expect):
+    assert load_spec({"deep": {"merge_layer": layer, "keep_ratio": 0.5}}).deep.resolve_layer(n) == expect
+
+
+@pytest.mark.parametrize("layer, n", [(31, 32), (3, 4), (-1, 4), (-5, 4), (0, 1)])
+def test_merge_layer_out_of_range_names_the_field(layer, n):
+    cfg = load_spec({"deep": {"merge_layer": layer, "keep_ratio": 0.5}})
+    with pytest.raises(AffinityConfigError, match="deep.merge_layer"):
+        cfg.deep.resolve_layer(n)
 
 
 def test_request_override():

@@ -29,12 +29,8 @@ N_LAYERS = 4
 
 
 @pytest.fixture(scope="session")
-def deep_ref(tmp_path_factory):
-    from vllm_affinity.reference import ReferenceQwen2Audio
-    from vllm_affinity.tiny import build
-
-    d = build(tmp_path_factory.mktemp("tiny-deep"))
-    return ReferenceQwen2Audio(str(d))
+def deep_ref(reference):
+    return reference
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ from .conftest import CACHE, load_audio
 
 pytestmark = pytest.mark.server
 
-PRESET_RATIO = 0.7432  # paper-aggressive
+PRESET_RATIO = 0.7432  # paper-aggressive: input stage
+PRESET_DEEP = dict(deep_merge_layer=1, deep_keep_ratio=0.2006, deep_window=3)  # -3 of 4 layers
 QUESTION = "What does the speaker say?"
 
 
@@ -101,7 +102,8 @@ def test_served_answer_matches_reference(client, media, reference):
         [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": QUESTION}]}],
         add_generation_prompt=True, tokenize=False,
     )
-    ref = reference.generate(prompt, [load_audio(path)], max_new_tokens=12, keep_ratio=PRESET_RATIO)
+    ref = reference.generate(prompt, [load_audio(path)], max_new_tokens=12, keep_ratio=PRESET_RATIO,
+                             **PRESET_DEEP)
     assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
     served = [int(t.token.removeprefix("token_id:")) for t in r.choices[0].logprobs.content]
     assert served == ref.token_ids[: len(served)]
@@ -128,6 +130,9 @@ def test_log_says_what_the_plugin_did(server, client, clips):
     _chat(client, _input_audio(clips[0], "wav"), max_tokens=1)
     log = server.log()
     assert "vllm-affinity: Qwen2-Audio with Affinity Pooling, input stage: keep_ratio=0.7432" in log
+    assert "deep stage: merge_layer=-3, keep_ratio=0.2006, window=3" in log
+    assert "vllm-affinity: deep stage merges after decoder layer 1 of 4" in log
+    assert "vllm-affinity: prefix caching disabled" in log
     assert "vllm-affinity: audio tokens [50] -> [38] (keep_ratio=0.7432)" in log
     assert "Traceback" not in log
 

@@ -2,9 +2,11 @@
 
     python tests/helpers/run_engine.py JOB.json
 
-JOB: {"model", "hf_overrides" (optional), "engine_kw", "prompt", "max_tokens",
-"logprobs", "requests": [{"audios": [path...], "mm_processor_kwargs": {...}}], "out"}.
+JOB: {"model", "hf_overrides" (optional), "engine_kw", "engine_kw_extra" (optional),
+"prompt", "max_tokens", "logprobs", "requests": [{"audios": [path...], "prompt"?,
+"mm_processor_kwargs"?}], "alone": bool (also run each request alone), "out"}.
 The plugin set is whatever VLLM_PLUGINS says (unset: all installed plugins).
+The output also counts the scheduler's preemptions (read from the engine).
 """
 
 import json
@@ -21,6 +23,15 @@ def main() -> None:
     if job.get("hf_overrides"):
         kw["hf_overrides"] = job["hf_overrides"]
     llm = LLM(job["model"], **kw)
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    preemptions = []
+    original = scheduler._preempt_request
+
+    def counting(request, *a, **k):
+        preemptions.append(request.request_id)
+        return original(request, *a, **k)
+
+    scheduler._preempt_request = counting
     sp = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True, logprobs=job["logprobs"])
     prompts = []
     for r in job["requests"]:
@@ -30,16 +41,24 @@ def main() -> None:
         if r.get("mm_processor_kwargs"):
             p["mm_processor_kwargs"] = r["mm_processor_kwargs"]
         prompts.append(p)
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    res = [
-        {
-            "prompt_token_ids": list(o.prompt_token_ids),
-            "token_ids": list(o.outputs[0].token_ids),
-            "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
-        }
-        for o in outs
-    ]
-    json.dump({"results": res}, open(job["out"], "w"))
+
+    def dump(outs):
+        return [
+            {
+                "prompt_token_ids": list(o.prompt_token_ids),
+                "token_ids": list(o.outputs[0].token_ids),
+                "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
+            }
+            for o in outs
+        ]
+
+    result = {"results": dump(llm.generate(prompts, sp, use_tqdm=False))}
+    if job.get("alone"):
+        result["alone"] = [dump(llm.generate([p], sp, use_tqdm=False))[0] for p in prompts]
+    result["preemptions"] = len(preemptions)
+    kvm = scheduler.kv_cache_manager
+    result["free_blocks_end"] = kvm.block_pool.get_num_free_blocks()
+    json.dump(result, open(job["out"], "w"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""The deterministic deep-merge plan shared by scheduler and worker (pure Python)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vllm_affinity.plan import DeepPlan, Span
+from vllm_affinity.pooling import num_kept
+
+
+def test_compacted_counts_whole_spans_only():
+    plan = DeepPlan.from_ranges([(10, 100), (200, 50)], 0.1)  # K = 10 and 5
+    assert [s.kept for s in plan.spans] == [10, 5]
+    assert plan.compacted(10) == 10
+    assert plan.compacted(109) == 109  # span 1 not finished: counted unmerged
+    assert plan.compacted(110) == 20
+    assert plan.compacted(300) == 300 - 90 - 45
+    assert plan.total_removed == 135
+
+
+def test_slot_indices_of_a_full_prefill_are_contiguous():
+    plan = DeepPlan.from_ranges([(3, 20), (30, 7)], 0.5)
+    rows, cursor = [], 0
+    for s in plan.spans:
+        rows += [p - plan.removed_before(cursor) for p in range(cursor, s.offset)]
+        c0 = plan.span_compact_start(s)
+        rows += list(range(c0, c0 + s.kept))
+        cursor = s.end
+    rows += [p - plan.removed_before(cursor) for p in range(cursor, 50)]
+    assert rows == list(range(plan.compacted(50)))
+    assert plan.slot_index(50) == plan.compacted(50)  # the first decode token
+
+
+def test_split_span_is_refused():
+    plan = DeepPlan.from_ranges([(10, 100)], 0.5)
+    with pytest.raises(RuntimeError, match="disable_chunked_mm_input"):
+        plan.spans_in(0, 50)
+    assert plan.spans_in(0, 110) == [Span(10, 100, 50)]
+    assert plan.spans_in(110, 200) == []
+
+
+def test_overlapping_spans_are_refused():
+    with pytest.raises(ValueError, match="overlapping"):
+        DeepPlan([Span(0, 10, 5), Span(5, 10, 5)])
+
+
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 40)), max_size=4), st.floats(0.01, 1.0))
+def test_compacted_is_monotone_and_matches_kept(gaps, ratio):
+    ranges, pos = [], 0
+    for gap, n in gaps:
+        pos += gap
+        ranges.append((pos, n))
+        pos += n
+    plan = DeepPlan.from_ranges(ranges, ratio)
+    end = pos + 5
+    values = [plan.compacted(t) for t in range(end + 1)]
+    removed_at = {o + n: n - num_kept(n, ratio) for o, n in ranges}
+    for t in range(end):  # +1 per token, minus what a span finishing at t+1 merges away
+        assert values[t + 1] - values[t] == 1 - removed_at.get(t + 1, 0)
+    assert values[-1] == end - sum(n - num_kept(n, ratio) for _, n in ranges)
