@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import sys
 import time
 from pathlib import Path
@@ -91,12 +92,24 @@ def main(argv: list[str] | None = None) -> int:
         pooled = ask(None)  # the server's SPEC
     text_tokens = full.usage.prompt_tokens - n_audio
     kept = pooled.usage.prompt_tokens - text_tokens
+    from .config import load_spec
+    from .pooling import num_kept
+
+    deep = load_spec(json.loads(a.affinity) if a.affinity.lstrip().startswith("{") else a.affinity).deep
     print()
     print(f"audio: {audio} ({a.seconds:g} s)" if not a.audio else f"audio: {audio}")
     print(f"answer: {pooled.choices[0].message.content!r}")
     print(f"audio tokens before: {n_audio}   after ({a.affinity}): {kept}   saved: {n_audio - kept} "
           f"({100 * (n_audio - kept) / max(n_audio, 1):.1f}%)")
     print(f"prompt tokens (usage.prompt_tokens): {full.usage.prompt_tokens} -> {pooled.usage.prompt_tokens}")
+    if deep is not None and kept:
+        k_deep = num_kept(kept, deep.keep_ratio)
+        t = pooled.usage.prompt_tokens
+        n_layers = json.loads((Path(model) / "config.json").read_text())["text_config"]["num_hidden_layers"]
+        layer = deep.resolve_layer(n_layers)
+        print(f"deep stage (after decoder layer {layer} of {n_layers}): audio positions {kept} -> {k_deep}; "
+              f"the layers above hold KV for {t - kept + k_deep} of the prompt's {t} positions "
+              f"(stock: {full.usage.prompt_tokens})")
     return 0
 
 
