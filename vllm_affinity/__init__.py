@@ -47,5 +47,9 @@ def register() -> None:
     for arch in MODELS:
         register_config_hook(arch)
 
+    from .patches import apply_all
+
+    apply_all()
+
 
 __all__ = ["register", "MODELS", "__version__"]

@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: key of the per-request override in ``mm_processor_kwargs``
 REQUEST_KEEP_RATIO_KEY = "affinity_keep_ratio"
@@ -93,6 +93,25 @@ class AffinityConfig(_Strict):
     allow_request_override: bool = Field(
         True, description=f"accept mm_processor_kwargs.{REQUEST_KEEP_RATIO_KEY} per request"
     )
+    min_request_keep_ratio: float = Field(
+        0.0, ge=0.0, le=1.0, description="lowest per-request keep ratio a client may ask for"
+    )
+    max_request_keep_ratio: float = Field(
+        1.0, gt=0.0, le=1.0, description="highest per-request keep ratio a client may ask for"
+    )
+    max_audio_seconds: float | None = Field(
+        None, gt=0.0, description="reject longer audio with HTTP 400 (default: truncate to the "
+        "encoder's 30 s window with a logged warning)"
+    )
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self):
+        if self.min_request_keep_ratio > self.max_request_keep_ratio:
+            raise ValueError(
+                f"min_request_keep_ratio ({self.min_request_keep_ratio}) must not exceed "
+                f"max_request_keep_ratio ({self.max_request_keep_ratio})"
+            )
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -199,4 +218,9 @@ def request_keep_ratio(cfg: AffinityConfig, mm_kwargs: dict[str, Any] | None) ->
         raise AffinityConfigError(f"{field} must be a number in (0, 1], got {v!r}")
     if not (math.isfinite(v) and 0.0 < v <= 1.0):
         raise AffinityConfigError(f"{field} must be in (0, 1], got {v!r}")
+    if not cfg.min_request_keep_ratio <= v <= cfg.max_request_keep_ratio:
+        raise AffinityConfigError(
+            f"{field}={v!r} is outside the range this server allows "
+            f"[{cfg.min_request_keep_ratio}, {cfg.max_request_keep_ratio}]"
+        )
     return float(v)

@@ -35,6 +35,10 @@ class AffinityConfigHook(VerifyAndUpdateConfig):
         from ..models.qwen2_audio import server_config
 
         cfg = server_config(vllm_config.model_config.hf_config)
+        # The multimodal processor (which counts KV blocks saved for /metrics) sees only
+        # the model config; give it the cache config, whose block size the platform
+        # finalizes later in this same config build.
+        object.__setattr__(vllm_config.model_config, "_affinity_cache_config", vllm_config.cache_config)
         if cfg.deep is None:
             return
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers

@@ -48,6 +48,8 @@ from ..config import (
 logger = logging.getLogger("vllm.affinity")
 
 NUM_KEPT_FIELD = "affinity_num_kept"
+ENCODER_SR = 16000
+ENCODER_WINDOW_S = 30
 STATS_INTERVAL_S = 10.0
 
 
@@ -106,6 +108,95 @@ class AffinityQwen2AudioProcessingInfo(Qwen2AudioProcessingInfo):
 class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
     info: AffinityQwen2AudioProcessingInfo
 
+    def apply(self, inputs, timing_ctx):
+        """Validate the request first (HTTP 400 naming the problem), then account."""
+        cfg = self.info.affinity
+        kwargs = dict(inputs.hf_processor_mm_kwargs or {})
+        unknown = sorted(set(kwargs) - {REQUEST_KEEP_RATIO_KEY})
+        if unknown:
+            raise ValueError(
+                f"mm_processor_kwargs: unknown key(s) {unknown}; this model accepts only "
+                f"{REQUEST_KEEP_RATIO_KEY!r}"
+            )
+        ratio = request_keep_ratio(cfg, kwargs)
+        audios = self._audio_items(inputs.mm_data_items)
+        for i in range(len(audios) if audios is not None else 0):
+            if audios.get(i) is None:  # referenced by uuid, already cached
+                continue
+            seconds = audios.get_audio_length(i) / ENCODER_SR
+            if audios.get_audio_length(i) == 0:
+                raise ValueError(f"audio item {i} is empty (0 samples)")
+            if cfg.max_audio_seconds is not None and seconds > cfg.max_audio_seconds:
+                raise ValueError(
+                    f"audio item {i} is {seconds:.1f} s long, over this server's "
+                    f"max_audio_seconds={cfg.max_audio_seconds:g}"
+                )
+            if seconds > ENCODER_WINDOW_S:
+                logger.warning(
+                    "vllm-affinity: audio item %d is %.1f s; Qwen2-Audio's encoder sees the first "
+                    "%d s, the rest is dropped (set max_audio_seconds to reject such audio)",
+                    i, seconds, ENCODER_WINDOW_S,
+                )
+        out = super().apply(inputs, timing_ctx)
+        if audios is not None:
+            self._account(out, ratio)
+        return out
+
+    @staticmethod
+    def _audio_items(items: MultiModalDataItems) -> AudioProcessorItems | None:
+        if "audio" not in items:
+            return None
+        audio = items["audio"]
+        return audio if isinstance(audio, AudioProcessorItems) else None
+
+    def _account(self, out, ratio: float) -> None:
+        """Log and count what the plugin did to this request (all counts are exact)."""
+        cfg = self.info.affinity
+        placeholders = out["mm_placeholders"].get("audio", [])
+        items = out["mm_kwargs"].get("audio", [])
+        kept = [int(p.length) for p in placeholders]
+        n = []
+        for item, k in zip(items, kept):
+            mask = item["feature_attention_mask"].data if item is not None and "feature_attention_mask" in item else None
+            n.append(int(_get_feat_extract_output_lengths(mask.sum(-1))[1]) if mask is not None else k)
+        deep = cfg.deep
+        kept_deep = [pooling.num_kept(k, deep.keep_ratio) for k in kept] if deep is not None else kept
+        blocks = self._blocks_saved(len(out["prompt_token_ids"]), n, kept, kept_deep)
+        logger.debug(
+            "vllm-affinity: audio tokens %s -> %s (keep_ratio=%s) -> %s above the deep merge layer; "
+            "%.2f KV blocks saved",
+            n, kept, ratio, kept_deep, blocks,
+        )
+        self.info.stats.add(n, kept)
+        from ..metrics import record
+
+        record(sum(n), sum(kept), sum(kept_deep), blocks)
+
+    def _blocks_saved(self, prompt_len: int, n, kept, kept_deep) -> float:
+        """KV blocks not allocated at the end of prefill, in stock blocks (a block of
+        every decoder layer): stock prompt vs this prompt in each KV-cache group."""
+        cache = getattr(self.info.ctx.model_config, "_affinity_cache_config", None)
+        if cache is None or not cache.block_size:
+            return 0.0
+        bs = cache.block_size
+        num_layers = self.info.get_hf_config().text_config.num_hidden_layers
+        stock = prompt_len + sum(n) - sum(kept)
+        deep_len = prompt_len - sum(kept) + sum(kept_deep)
+        blocks = lambda t: -(-t // bs)  # noqa: E731
+        deep = self.info.affinity.deep
+        if deep is None:
+            return float(blocks(stock) - blocks(prompt_len))
+        # vLLM groups layers of one spec into KV-cache groups of equal size (the smaller
+        # of the two counts), padding the last group of a spec when it does not divide
+        shallow_layers = deep.resolve_layer(num_layers) + 1
+        deep_layers = num_layers - shallow_layers
+        size = min(shallow_layers, deep_layers)
+        shallow_groups, deep_groups = -(-shallow_layers // size), -(-deep_layers // size)
+        saved_layer_blocks = size * (
+            shallow_groups * (blocks(stock) - blocks(prompt_len)) + deep_groups * (blocks(stock) - blocks(deep_len))
+        )
+        return saved_layer_blocks / num_layers
+
     def _call_hf_processor(self, hf_data, hf_kwargs):
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEEP_RATIO_KEY}
         return super()._call_hf_processor(hf_data, hf_kwargs)
@@ -123,8 +214,6 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
         n = [int(x) for x in lengths.tolist()]
         k = [pooling.num_kept(x, ratio) for x in n]
         processed_data[NUM_KEPT_FIELD] = torch.tensor(k, dtype=torch.long)
-        logger.debug("vllm-affinity: audio tokens %s -> %s (keep_ratio=%s)", n, k, ratio)
-        self.info.stats.add(n, k)
         return processed_data
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:

@@ -1,0 +1,21 @@
+"""Monkeypatches of vLLM, one file each, applied from ``register()``.
+
+Each file says why it exists, what upstream would need so it can go, and checks the
+vLLM version it was written against (it refuses to apply to another one).
+"""
+
+from __future__ import annotations
+
+PINNED_VLLM = "0.32.0"
+
+
+def vllm_version_matches() -> bool:
+    import vllm
+
+    return vllm.__version__.split("+")[0] == PINNED_VLLM
+
+
+def apply_all() -> None:
+    from . import audio_decode_errors
+
+    audio_decode_errors.apply()

@@ -1,0 +1,46 @@
+"""Patch: undecodable audio is a client error (HTTP 400), not a server error (500).
+
+Why: in vLLM 0.32.0 ``vllm.multimodal.media.audio.load_audio`` re-raises libsndfile
+errors it does not classify as "unrecognised format" (e.g. a WAV whose 'fmt ' chunk
+names a codec libsndfile cannot decode) as ``soundfile.LibsndfileError``, a
+RuntimeError, which the OpenAI server maps to 500. A bad upload must be a 400 that
+names the problem; the server keeps serving either way.
+
+What upstream would need: classify every decoder error of client-supplied bytes as
+ValueError in ``load_audio`` (as it already does for PyAV's FFmpegError).
+
+When to remove: once vLLM maps these errors to ValueError; the version guard below
+makes this patch refuse any vLLM other than the pinned one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger("vllm.affinity")
+_MARK = "_vllm_affinity_patched"
+
+
+def apply() -> None:
+    from . import PINNED_VLLM, vllm_version_matches
+
+    if not vllm_version_matches():
+        raise RuntimeError(f"vllm-affinity patch audio_decode_errors is written for vLLM {PINNED_VLLM}")
+    from vllm.multimodal.media import audio as media_audio
+
+    original = media_audio.load_audio
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def load_audio(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except ImportError:
+            raise
+        except RuntimeError as exc:  # soundfile.LibsndfileError and other decoder errors
+            raise ValueError(f"Invalid or unsupported audio: {exc}") from exc
+
+    setattr(load_audio, _MARK, True)
+    media_audio.load_audio = load_audio
