@@ -34,6 +34,7 @@ class AffinityStep:
 
     # (flat_start, length, kept) of every audio span scheduled in this step, ascending
     spans: list[tuple[int, int, int]]
+    span_req_ids: list[str]  # the request of each span
     num_tokens: int  # T, rows below the merge point
     num_rows: int  # C, rows above it
 
@@ -82,7 +83,7 @@ class AffinityRunnerMixin:
     def execute_model(self, scheduler_output, *args, **kwargs):
         self._affinity_in_step = self._affinity_deep() is not None
         try:
-            return super().execute_model(scheduler_output, *args, **kwargs)
+            return self._affinity_attach_failures(super().execute_model(scheduler_output, *args, **kwargs))
         finally:
             self._affinity_in_step = False
             self._affinity_layout = None
@@ -92,6 +93,7 @@ class AffinityRunnerMixin:
         qsl = self.query_start_loc.cpu[: num_reqs + 1].numpy()
         computed = self.input_batch.num_computed_tokens_cpu[:num_reqs]
         spans_flat: list[tuple[int, int, int]] = []
+        span_reqs: list[str] = []
         slot_parts, req_parts = [], []
         c_qsl = np.zeros(num_reqs + 1, dtype=np.int32)
         c_seq = np.zeros(num_reqs, dtype=np.int32)
@@ -108,6 +110,7 @@ class AffinityRunnerMixin:
                 c0 = plan.span_compact_start(s)
                 pieces.append(np.arange(c0, c0 + s.kept))
                 spans_flat.append((int(qsl[i]) + s.offset - start, s.length, s.kept))
+                span_reqs.append(req_id)
                 cursor = s.end
             pieces.append(np.arange(cursor, end) - plan.removed_before(cursor))
             idx = np.concatenate(pieces).astype(np.int64)
@@ -117,7 +120,8 @@ class AffinityRunnerMixin:
             c_seq[i] = plan.compacted(end)
         slot_index = np.concatenate(slot_parts) if slot_parts else np.zeros(0, np.int64)
         row_req = np.concatenate(req_parts) if req_parts else np.zeros(0, np.int64)
-        step = AffinityStep(spans=spans_flat, num_tokens=num_tokens, num_rows=int(c_qsl[-1]))
+        step = AffinityStep(spans=spans_flat, span_req_ids=span_reqs, num_tokens=num_tokens,
+                            num_rows=int(c_qsl[-1]))
         return _DeepLayout(
             step=step,
             query_start_loc=torch.from_numpy(c_qsl),
@@ -185,3 +189,20 @@ class AffinityRunnerMixin:
             return super()._model_forward(*args, **kwargs)
         finally:
             model.affinity_step = None
+            failed = getattr(model, "affinity_failed", None)
+            if failed:
+                self._affinity_failed = [*getattr(self, "_affinity_failed", []), *failed]
+                failed.clear()
+
+    # -- per-request failures -------------------------------------------------------------
+    def _affinity_attach_failures(self, output):
+        """Hand request ids whose merge failed to the scheduler (AffinityScheduler reads
+        ``affinity_failed_req_ids`` off the runner output, which is pickled as is)."""
+        failed = getattr(self, "_affinity_failed", None)
+        if failed and output is not None and hasattr(output, "__dict__"):
+            output.affinity_failed_req_ids = list(failed)
+            self._affinity_failed = []
+        return output
+
+    def sample_tokens(self, *args, **kwargs):
+        return self._affinity_attach_failures(super().sample_tokens(*args, **kwargs))

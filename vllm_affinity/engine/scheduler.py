@@ -28,3 +28,14 @@ class AffinityScheduler(Scheduler):
         if deep is not None and not managers:
             raise RuntimeError("vllm-affinity: deep stage on but no deep KV-cache group was created")
         logger.info("vllm-affinity: scheduler bound %d deep KV-cache group(s)", len(managers))
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        # Requests whose deep merge failed in the worker are finished with
+        # FINISHED_ERROR (the client gets an error for that request only): the
+        # scheduler's own per-request error set is drained by update_from_output.
+        failed = getattr(model_runner_output, "affinity_failed_req_ids", None)
+        if failed:
+            live = [r for r in failed if r in self.requests]
+            logger.error("vllm-affinity: failing request(s) %s after a deep-merge error", live)
+            self.grammar_compile_error_reqs.update(live)
+        return super().update_from_output(scheduler_output, model_runner_output)

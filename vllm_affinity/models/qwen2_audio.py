@@ -14,6 +14,7 @@ With the input stage off, K = n and everything is stock.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -252,12 +253,27 @@ class AffinityDeepAttention(Attention):
         return AffinityDeepAttentionSpec.from_attention_spec(super().get_kv_cache_spec(vllm_config))
 
 
-def merge_step(h, residual, positions, step, method: str, window: int):
+FAULT_ENV = "VLLM_AFFINITY_INJECT_FAULT"
+
+
+def _maybe_inject_fault(span_len: int) -> None:
+    """Test hook: ``VLLM_AFFINITY_INJECT_FAULT=deep-merge:N`` makes the deep merge of
+    every audio span of N tokens raise (the fault tests use it; unset in production)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec.startswith("deep-merge:") and int(spec.split(":", 1)[1]) == span_len:
+        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec})")
+
+
+def merge_step(h, residual, positions, step, method: str, window: int, failed: list[str]):
     """Merge every audio span of the step (flattened rows) after the merge layer.
 
     Affinity is computed on the residual stream h + residual (what the HF decoder layer
     returns); a merged row carries the mean stream in ``h`` and zero residual. Returns
     (h, residual, positions) with C rows and ``back``: the row of each of the T tokens.
+
+    If choosing one span's groups fails, that span falls back to equal-size bins (the
+    row count, hence KV slots, stay as planned, so the batch goes on) and its request
+    id is appended to ``failed``: the scheduler then fails that request alone.
     """
     hs, rs, ps, back = [], [], [], []
     cursor = row = 0
@@ -269,10 +285,19 @@ def merge_step(h, residual, positions, step, method: str, window: int):
             back.append(torch.arange(row, row + b - a, device=h.device))
             row += b - a
 
-    for a, m, k in step.spans:
+    for (a, m, k), req_id in zip(step.spans, step.span_req_ids):
         copy(cursor, a)
         x = h[a : a + m] + residual[a : a + m]
-        sizes = pooling.group_sizes(x, k, method, window)
+        try:
+            _maybe_inject_fault(m)
+            sizes = pooling.group_sizes(x, k, method, window)
+        except Exception as exc:  # noqa: BLE001 - one request fails, not the engine
+            logger.error(
+                "vllm-affinity: deep merge failed for request %s (audio span of %d tokens): %r; "
+                "failing this request, the batch goes on", req_id, m, exc,
+            )
+            failed.append(req_id)
+            sizes = pooling.uniform_sizes(m, k)
         merged = pooling.merge(x, sizes)
         hs.append(merged); rs.append(torch.zeros_like(merged))
         ps.append(pooling.merge_positions(positions[a : a + m], sizes))
@@ -304,6 +329,7 @@ class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGenerat
         self.affinity = server_config(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.affinity_step = None  # set by the runner for each forward pass
+        self.affinity_failed: list[str] = []  # request ids whose merge failed, drained by the runner
         self.deep_layer: int | None = None
         if self.affinity.deep is not None:
             layers = self.language_model.model.layers
@@ -323,7 +349,9 @@ class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGenerat
         step, back = self.affinity_step, None
         if step is not None and step.spans:
             deep = self.affinity.deep
-            h, residual, positions, back = merge_step(h, residual, positions, step, deep.method, deep.window)
+            h, residual, positions, back = merge_step(
+                h, residual, positions, step, deep.method, deep.window, self.affinity_failed
+            )
         for layer in lm.layers[self.deep_layer + 1 :]:
             h, residual = layer(positions, h, residual)
         h, _ = lm.norm(h, residual)
