@@ -77,6 +77,13 @@ def build_serve_command(argv: list[str], env: dict[str, str]) -> tuple[list[str]
         cfg = load_spec(spec, where="--affinity")
     except AffinityConfigError as e:
         raise UsageError(str(e)) from None
+    vllm = shutil.which("vllm", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+    if spec == "off":
+        # byte-for-byte stock: the plugin is not even loaded (VLLM_PLUGINS without it)
+        env = dict(env)
+        env["VLLM_PLUGINS"] = ",".join(p for p in _installed_plugins(env) if p != PLUGIN_NAME)
+        print("[vllm-affinity] --affinity off: plain vLLM, plugin not loaded", file=sys.stderr)
+        return [vllm or "vllm", "serve", *args], env
 
     overrides: dict = {}
     for raw in _take(args, "--hf-overrides"):
@@ -92,7 +99,6 @@ def build_serve_command(argv: list[str], env: dict[str, str]) -> tuple[list[str]
     allowed = env.get("VLLM_PLUGINS")
     if allowed is not None and PLUGIN_NAME not in [p.strip() for p in allowed.split(",")]:
         env["VLLM_PLUGINS"] = ",".join(p for p in [allowed.strip(), PLUGIN_NAME] if p)
-    vllm = shutil.which("vllm", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     cmd = [vllm or "vllm", "serve", *args, "--hf-overrides", json.dumps(overrides)]
     # vLLM 0.32 rejects every per-request mm_processor_kwargs unless the server trusts
     # them; the per-request keep ratio needs that (our key is validated strictly).
@@ -100,6 +106,16 @@ def build_serve_command(argv: list[str], env: dict[str, str]) -> tuple[list[str]
         cmd.append("--trust-request-mm-kwargs")
     print(f"[vllm-affinity] {cfg.describe()}", file=sys.stderr)
     return cmd, env
+
+
+def _installed_plugins(env: dict[str, str]) -> list[str]:
+    """Plugins vLLM would load: the VLLM_PLUGINS allow-list, else every installed one."""
+    allowed = env.get("VLLM_PLUGINS")
+    if allowed is not None:
+        return [p.strip() for p in allowed.split(",") if p.strip()]
+    import importlib.metadata as md
+
+    return sorted({e.name for e in md.entry_points(group="vllm.general_plugins")})
 
 
 def _check_vllm_metadata() -> None:

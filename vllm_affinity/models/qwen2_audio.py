@@ -254,6 +254,23 @@ class AffinityDeepAttention(Attention):
 
 
 FAULT_ENV = "VLLM_AFFINITY_INJECT_FAULT"
+TRACE_ENV = "VLLM_AFFINITY_TRACE_DIR"
+
+
+def trace_merge(stage: str, sizes: torch.Tensor) -> None:
+    """Debug hook: with ``VLLM_AFFINITY_TRACE_DIR`` set, every rank appends each merge
+    decision (group sizes) to ``rank<R>.jsonl`` there, so tests can prove that all
+    tensor-parallel ranks merge identically."""
+    trace_dir = os.environ.get(TRACE_ENV)
+    if not trace_dir:
+        return
+    import json
+
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    path = os.path.join(trace_dir, f"rank{get_tensor_model_parallel_rank()}.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps({"stage": stage, "sizes": sizes.tolist()}) + "\n")
 
 
 def _maybe_inject_fault(span_len: int) -> None:
@@ -298,6 +315,7 @@ def merge_step(h, residual, positions, step, method: str, window: int, failed: l
             )
             failed.append(req_id)
             sizes = pooling.uniform_sizes(m, k)
+        trace_merge("deep", sizes)
         merged = pooling.merge(x, sizes)
         hs.append(merged); rs.append(torch.zeros_like(merged))
         ps.append(pooling.merge_positions(positions[a : a + m], sizes))
@@ -370,6 +388,9 @@ class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGenerat
         stage = self.affinity.input
         method = stage.method if stage is not None else "affinity"
         window = stage.window if stage is not None else 1
-        return tuple(
-            pooling.merge(e, pooling.group_sizes(e, k, method, window)) for e, k in zip(embeds, kept)
-        )
+        out = []
+        for e, k in zip(embeds, kept):
+            sizes = pooling.group_sizes(e, k, method, window)
+            trace_merge("input", sizes)
+            out.append(pooling.merge(e, sizes))
+        return tuple(out)

@@ -1,0 +1,220 @@
+"""Load test of a real server with both stages on (loopback only, bounded).
+
+    python benchmarks/load_test.py [--requests 1000] [--concurrency 32] [--out FILE]
+
+Starts `vllm-affinity serve` on 127.0.0.1 with the tiny model, sends a mix of audio
+(1-30 s), text-only and two-audio chat requests, streaming and not, cancels ~10%
+mid-flight (the client closes the stream after its first chunk), then re-runs every
+distinct request alone and compares greedy answers. It passes when every request that
+was not cancelled is answered, no answer differs from the same request alone, the KV
+cache is empty again (vLLM's ``vllm:kv_cache_usage_perc`` back to 0) and the server log
+has no traceback. tests/test_hardening.py runs a CI-sized version (200 requests, 16
+clients); this script runs larger ones and writes the summary as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DURATIONS = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 13.0, 16.0, 20.0, 24.0, 27.0, 30.0)
+QUESTIONS = ("What does the speaker say?", "Summarize the audio.", "Transcribe it.")
+
+
+@dataclass
+class LoadRequest:
+    key: str  # identical keys are identical requests
+    content: list | str
+    max_tokens: int
+    stream: bool
+    cancel: bool
+
+
+@dataclass
+class LoadResult:
+    key: str
+    status: str  # answered | cancelled | error
+    text: str = ""
+    error: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Summary:
+    sent: int = 0
+    answered: int = 0
+    cancelled: int = 0
+    errors: int = 0
+    mismatches: int = 0
+    kv_usage_after: float | None = None
+    tracebacks_in_log: int | None = None
+    wall_s: float = 0.0
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (self.errors == 0 and self.mismatches == 0 and self.kv_usage_after == 0.0
+                and not self.tracebacks_in_log and self.answered + self.cancelled == self.sent)
+
+
+def make_clips(out_dir: Path) -> dict[float, Path]:
+    sys.path.insert(0, str(ROOT))
+    from vllm_affinity import speech
+
+    clips = {}
+    for i, s in enumerate(DURATIONS):
+        p = out_dir / f"load-{s:g}s.wav"
+        if not p.exists():
+            speech.utterance(s, p, seed=i, sample_rate=16000, voice=("en-us", "en-gb")[i % 2])
+        clips[s] = p
+    return clips
+
+
+def _audio_part(path: Path) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(),
+                                                   "format": "wav"}}
+
+
+def build_requests(clips: dict[float, Path], n: int, seed: int = 0, cancel_frac: float = 0.1) -> list[LoadRequest]:
+    rng = random.Random(seed)
+    parts = {s: _audio_part(p) for s, p in clips.items()}
+    out = []
+    for i in range(n):
+        kind = rng.choices(["audio", "text", "two"], weights=[7, 2, 1])[0]
+        q = rng.choice(QUESTIONS)
+        max_tokens = rng.choice((4, 8, 16))
+        if kind == "audio":
+            s = rng.choice(DURATIONS)
+            content = [parts[s], {"type": "text", "text": q}]
+            key = f"audio:{s}:{q}:{max_tokens}"
+        elif kind == "two":
+            a, b = rng.sample(DURATIONS[:6], 2)
+            content = [parts[a], parts[b], {"type": "text", "text": q}]
+            key = f"two:{a}:{b}:{q}:{max_tokens}"
+        else:
+            content = f"{q} Request {i % 7}."
+            key = f"text:{i % 7}:{q}:{max_tokens}"
+        cancel = rng.random() < cancel_frac
+        out.append(LoadRequest(key, content, max_tokens, stream=cancel or rng.random() < 0.5, cancel=cancel))
+    return out
+
+
+def _one(client, model: str, req: LoadRequest) -> LoadResult:
+    t0 = time.monotonic()
+    messages = [{"role": "user", "content": req.content}]
+    try:
+        if req.stream:
+            stream = client.chat.completions.create(model=model, messages=messages, max_tokens=req.max_tokens,
+                                                    temperature=0, stream=True)
+            text = []
+            for chunk in stream:
+                if req.cancel:
+                    stream.close()  # client disconnect mid-flight
+                    return LoadResult(req.key, "cancelled", seconds=time.monotonic() - t0)
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text.append(chunk.choices[0].delta.content)
+            return LoadResult(req.key, "answered", "".join(text), seconds=time.monotonic() - t0)
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=req.max_tokens, temperature=0)
+        return LoadResult(req.key, "answered", r.choices[0].message.content or "", seconds=time.monotonic() - t0)
+    except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+        return LoadResult(req.key, "error", error=f"{type(exc).__name__}: {exc}"[:300],
+                          seconds=time.monotonic() - t0)
+
+
+def kv_usage(base_url: str) -> float | None:
+    root = base_url.rsplit("/v1", 1)[0]
+    with urllib.request.urlopen(root + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:kv_cache_usage_perc"):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def run_load(base_url: str, model: str, reqs: list[LoadRequest], concurrency: int,
+             log_text=None, settle_s: float = 30.0) -> tuple[Summary, list[LoadResult]]:
+    import openai
+
+    local = threading.local()
+
+    def client():
+        if not hasattr(local, "c"):
+            local.c = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
+        return local.c
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda r: _one(client(), model, r), reqs))
+    summary = Summary(sent=len(reqs), wall_s=time.monotonic() - t0)
+    alone: dict[str, str] = {}
+    seq = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
+    for req in reqs:
+        if req.key not in alone:
+            alone[req.key] = _one(seq, model, LoadRequest(req.key, req.content, req.max_tokens, False, False)).text
+    for req, res in zip(reqs, results):
+        if res.status == "answered":
+            summary.answered += 1
+            if res.text != alone[req.key]:
+                summary.mismatches += 1
+        elif res.status == "cancelled":
+            summary.cancelled += 1
+        else:
+            summary.errors += 1
+            if len(summary.error_samples) < 5:
+                summary.error_samples.append(res.error)
+    deadline = time.monotonic() + settle_s  # aborted requests drain asynchronously
+    while True:
+        summary.kv_usage_after = kv_usage(base_url)
+        if summary.kv_usage_after == 0.0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if log_text is not None:
+        summary.tracebacks_in_log = log_text().count("Traceback")
+    return summary, results
+
+
+SERVER_SPEC = {
+    "input": {"keep_ratio": 0.74},
+    "deep": {"merge_layer": 1, "keep_ratio": 0.3},
+    "max_audio_seconds": 30,
+    "min_request_keep_ratio": 0.25,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/load_test.py")
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load_test.json")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from vllm_affinity.demo import CPU_ARGS, ensure_tiny_model
+    from vllm_affinity.serving import ServerProcess
+
+    cache = ROOT / ".cache" / "load"
+    cache.mkdir(parents=True, exist_ok=True)
+    clips = make_clips(cache)
+    reqs = build_requests(clips, a.requests, a.seed)
+    model = ensure_tiny_model(ROOT / ".cache" / "tiny-qwen2-audio")
+    with ServerProcess(model, ["--affinity", json.dumps(SERVER_SPEC), *CPU_ARGS, "--block-size", "32",
+                               "--max-num-seqs", str(a.concurrency)],
+                       log_path=cache / "server.log", served_model_name="tiny") as srv:
+        summary, _ = run_load(srv.base_url, "tiny", reqs, a.concurrency, log_text=srv.log)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({**summary.__dict__, "ok": summary.ok, "concurrency": a.concurrency}, indent=2))
+    print(json.dumps({**summary.__dict__, "ok": summary.ok}, indent=2))
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
