@@ -140,7 +140,7 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
                 )
         out = super().apply(inputs, timing_ctx)
         if audios is not None:
-            self._account(out, ratio)
+            self._account(out, ratio, audios)
         return out
 
     @staticmethod
@@ -150,16 +150,23 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
         audio = items["audio"]
         return audio if isinstance(audio, AudioProcessorItems) else None
 
-    def _account(self, out, ratio: float) -> None:
+    def _encoder_tokens(self, num_samples: int) -> int:
+        """Stock placeholder count of a 16 kHz audio: the feature extractor marks
+        ceil(samples / hop) frames (at most its 30 s window), then the encoder's two
+        stride-2 stages. Computed from the waveform, so processor-cache hits count too."""
+        fe = self.info.get_feature_extractor()
+        frames = -(-min(num_samples, fe.n_samples) // fe.hop_length)
+        return int(_get_feat_extract_output_lengths(torch.tensor(frames))[1])
+
+    def _account(self, out, ratio: float, audios: AudioProcessorItems) -> None:
         """Log and count what the plugin did to this request (all counts are exact)."""
         cfg = self.info.affinity
         placeholders = out["mm_placeholders"].get("audio", [])
-        items = out["mm_kwargs"].get("audio", [])
         kept = [int(p.length) for p in placeholders]
-        n = []
-        for item, k in zip(items, kept):
-            mask = item["feature_attention_mask"].data if item is not None and "feature_attention_mask" in item else None
-            n.append(int(_get_feat_extract_output_lengths(mask.sum(-1))[1]) if mask is not None else k)
+        n = [
+            self._encoder_tokens(audios.get_audio_length(i)) if audios.get(i) is not None else k
+            for i, k in enumerate(kept)
+        ]
         deep = cfg.deep
         kept_deep = [pooling.num_kept(k, deep.keep_ratio) for k in kept] if deep is not None else kept
         blocks = self._blocks_saved(len(out["prompt_token_ids"]), n, kept, kept_deep)
