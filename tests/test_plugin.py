@@ -112,3 +112,33 @@ def test_additional_config_is_refused_with_a_pointer(tiny_model, clips, tmp_path
     job["engine_kw_extra"] = {"additional_config": {"affinity": "paper-aggressive"}}
     with pytest.raises(AssertionError, match="--hf-overrides"):
         run_engine_subprocess(job, tmp_path)
+
+
+def test_periodic_info_line_counts_tokens(monkeypatch):
+    import logging
+
+    from vllm_affinity.models import qwen2_audio as m
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    log = logging.getLogger("vllm.affinity")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        monkeypatch.setattr(m, "STATS_INTERVAL_S", 3600.0)
+        stats = m._TokenStats()
+        stats.add([750], [558])
+        assert records == []  # not before the interval
+        monkeypatch.setattr(m, "STATS_INTERVAL_S", 0.0)
+        stats.add([100], [75])
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert len(records) == 1
+    assert "2 audios in the last" in records[0]
+    assert "850 audio tokens in, 633 to the LM (25.5% saved)" in records[0]
