@@ -194,3 +194,39 @@ def test_wheel_ships_presets(tmp_path):
             "assert (d / 'models/qwen2-audio-7b-instruct/config.json').is_file()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
                    env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""})
+
+
+# every server-side field: `vllm-affinity serve` exits non-zero naming it, before vLLM starts
+BAD_SERVER_FIELDS = {
+    "input.keep_ratio": {"input": {"keep_ratio": 0}},
+    "input.window": {"input": {"keep_ratio": 0.5, "window": 0}},
+    "input.method": {"input": {"keep_ratio": 0.5, "method": "random"}},
+    "deep.merge_layer": {"deep": {"merge_layer": "last", "keep_ratio": 0.2}},
+    "deep.keep_ratio": {"deep": {"merge_layer": 1, "keep_ratio": 2}},
+    "deep.window": {"deep": {"merge_layer": 1, "keep_ratio": 0.2, "window": -1}},
+    "deep.method": {"deep": {"merge_layer": 1, "keep_ratio": 0.2, "method": "max"}},
+    "allow_request_override": {"allow_request_override": "sometimes"},
+    "min_request_keep_ratio": {"min_request_keep_ratio": -0.1},
+    "max_request_keep_ratio": {"max_request_keep_ratio": 0},
+    "max_audio_seconds": {"max_audio_seconds": 0},
+    "extra": {"inptu": {"keep_ratio": 0.5}},
+}
+
+
+@pytest.mark.parametrize("field", list(BAD_SERVER_FIELDS))
+def test_every_bad_server_field_exits_before_vllm_starts(field):
+    spec = json.dumps(BAD_SERVER_FIELDS[field])
+    r = subprocess.run([sys.executable, "-m", "vllm_affinity.cli", "serve", "some/model", "--affinity", spec],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert (field if field != "extra" else "inptu") in r.stderr
+    assert "exec:" not in r.stderr  # vLLM was never started
+
+
+def test_serve_off_is_plain_vllm_without_the_plugin():
+    cmd, env = _serve(["m", "--affinity", "off", "--port", "9"], {"PATH": "", "VLLM_PLUGINS": "affinity,other"})
+    assert cmd[1:] == ["serve", "m", "--port", "9"]
+    assert env["VLLM_PLUGINS"] == "other"
+    cmd, env = _serve(["m", "--affinity", "off", "--hf-overrides", '{"max_position_embeddings": 9}'])
+    assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"max_position_embeddings": 9}
+    assert "affinity" not in env["VLLM_PLUGINS"].split(",")

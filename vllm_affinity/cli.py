@@ -77,14 +77,6 @@ def build_serve_command(argv: list[str], env: dict[str, str]) -> tuple[list[str]
         cfg = load_spec(spec, where="--affinity")
     except AffinityConfigError as e:
         raise UsageError(str(e)) from None
-    vllm = shutil.which("vllm", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
-    if spec == "off":
-        # byte-for-byte stock: the plugin is not even loaded (VLLM_PLUGINS without it)
-        env = dict(env)
-        env["VLLM_PLUGINS"] = ",".join(p for p in _installed_plugins(env) if p != PLUGIN_NAME)
-        print("[vllm-affinity] --affinity off: plain vLLM, plugin not loaded", file=sys.stderr)
-        return [vllm or "vllm", "serve", *args], env
-
     overrides: dict = {}
     for raw in _take(args, "--hf-overrides"):
         try:
@@ -94,6 +86,16 @@ def build_serve_command(argv: list[str], env: dict[str, str]) -> tuple[list[str]
     if HF_CONFIG_KEY in overrides and specs:
         raise UsageError("give the SPEC once: either --affinity or --hf-overrides '{\"affinity\": ...}'")
     overrides.setdefault(HF_CONFIG_KEY, spec)
+
+    vllm = shutil.which("vllm", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+    if spec == "off":
+        # byte-for-byte stock: the plugin is not even loaded (VLLM_PLUGINS without it)
+        overrides.pop(HF_CONFIG_KEY)
+        env = dict(env)
+        env["VLLM_PLUGINS"] = ",".join(p for p in _installed_plugins(env) if p != PLUGIN_NAME)
+        print("[vllm-affinity] --affinity off: plain vLLM, plugin not loaded", file=sys.stderr)
+        extra = ["--hf-overrides", json.dumps(overrides)] if overrides else []
+        return [vllm or "vllm", "serve", *args, *extra], env
 
     env = dict(env)
     allowed = env.get("VLLM_PLUGINS")

@@ -1,14 +1,20 @@
-"""Qwen2-Audio with input Affinity Pooling (the EVS pattern of vLLM's video pruning).
+"""Qwen2-Audio with Affinity Pooling.
 
-* The processor (API-server side) fixes each audio's placeholder count to
-  ``K = num_kept(n, keep_ratio)`` before the encoder runs, and hands K to the model
-  as a per-item field ``affinity_num_kept``.
-* The model (worker side) runs the stock encoder + projector, then merges each
+Input stage (the EVS pattern of vLLM's video pruning):
+* the processor (API-server side) validates the request, fixes each audio's
+  placeholder count to ``K = num_kept(n, keep_ratio)`` before the encoder runs, hands
+  K to the model as a per-item field ``affinity_num_kept`` and counts what it did
+  (log lines, Prometheus metrics);
+* the model (worker side) runs the stock encoder + projector, then merges each
   audio's ``n`` embeddings into exactly K by exact-count grouping.
+
+Deep stage: the model runs decoder layers 0..L, merges every audio span the runner
+scheduled in this step (``merge_step``), and runs the layers above L on the shorter
+sequence; their attention layers use the deep KV-cache spec (see ``vllm_affinity.engine``).
 
 The server SPEC travels in the HF config (``--hf-overrides '{"affinity": SPEC}'``):
 it is the one channel both the processor and the model can read in vLLM 0.32.
-With the input stage off, K = n and everything is stock.
+With both stages off, everything is stock.
 """
 
 from __future__ import annotations
