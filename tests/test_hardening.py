@@ -124,9 +124,10 @@ def test_injected_merge_error_fails_only_that_request(server, client, load_clips
 
 
 def test_preemption_under_tiny_kv_budget_same_answers(tiny_model, tmp_path, load_clips, server, client):
-    # 30 s + 10 s are admitted together (35 of 41 blocks) and need 42 after 48 new tokens
+    # 30 s + 10 s (593 + 223 prompt tokens) are admitted together (36 of 41 blocks) and
+    # need 42 after 40 new tokens (593 + 40 stays within max_model_len 640)
     contents = [[_part(load_clips[s]), {"type": "text", "text": "Transcribe it."}] for s in (30.0, 10.0)]
-    want = [_chat(client, c, max_tokens=48).choices[0].message.content for c in contents]
+    want = [_chat(client, c, max_tokens=40).choices[0].message.content for c in contents]
     page = 2 * 2 * 2 * 32 * BLOCK * 4  # (k, v) x kv_heads x layers per group x head_dim x block x fp32
     args = ["--affinity", json.dumps(SERVER_SPEC), "--dtype", "float32", "--enforce-eager",
             "--max-model-len", "640", "--block-size", str(BLOCK), "--kv-cache-memory-bytes", str(41 * page)]
@@ -135,7 +136,7 @@ def test_preemption_under_tiny_kv_budget_same_answers(tiny_model, tmp_path, load
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(2) as pool:
-            got = list(pool.map(lambda c: _chat(tc, c, max_tokens=48).choices[0].message.content, contents))
+            got = list(pool.map(lambda c: _chat(tc, c, max_tokens=40).choices[0].message.content, contents))
         preempted = _metrics(tight).get("vllm:num_preemptions_total", 0.0)
     assert preempted > 0, "the KV budget did not force a preemption"
     assert got == want

@@ -49,7 +49,7 @@ def say(
     if sample_rate is None and fmt == "wav":
         raw.replace(out)
         return out
-    cmd = [_need("sox"), str(raw)]
+    cmd = [_need("sox"), "-D", str(raw)]
     cmd += [str(out)] if sample_rate is None else [str(out), "rate", str(sample_rate)]
     subprocess.run(cmd, check=True, capture_output=True)
     raw.unlink()
@@ -68,7 +68,7 @@ def utterance(seconds: float, out: str | Path, *, seed: int = 0, **kw) -> Path:
         i += 1
     tmp = say(" ".join(words[:n_words]), out.with_suffix(".untrimmed.wav"), **kw)
     subprocess.run(
-        [_need("sox"), str(tmp), str(out), "trim", "0", f"{seconds}", "pad", "0", "0"],
+        [_need("sox"), "-D", str(tmp), str(out), "trim", "0", f"{seconds}", "pad", "0", "0"],
         check=True,
         capture_output=True,
     )
@@ -78,7 +78,7 @@ def utterance(seconds: float, out: str | Path, *, seed: int = 0, **kw) -> Path:
     if got < seconds - 1e-3:
         padded = out.with_suffix(".pad" + out.suffix)
         subprocess.run(
-            [_need("sox"), str(out), str(padded), "pad", "0", f"{seconds - got:.4f}"],
+            [_need("sox"), "-D", str(out), str(padded), "pad", "0", f"{seconds - got:.4f}"],
             check=True,
             capture_output=True,
         )

@@ -11,16 +11,13 @@ import json
 import sys
 
 import soundfile as sf
+from engine_job import load_job_and_engine
 
 
 def main() -> None:
-    job = json.loads(open(sys.argv[1]).read())
-    from vllm import LLM, SamplingParams
+    job, llm = load_job_and_engine(sys.argv[1])
+    from vllm import SamplingParams
 
-    kw = dict(job["engine_kw"], **job.get("engine_kw_extra", {}))
-    if job.get("hf_overrides"):
-        kw["hf_overrides"] = job["hf_overrides"]
-    llm = LLM(job["model"], **kw)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     kvm = scheduler.kv_cache_manager

@@ -194,38 +194,37 @@ class ReferenceQwen2Audio:
             out_ids, logprobs, deep_kept, deep_kv_len = self._generate_deep(
                 embeds, spans, max_new_tokens, deep_merge_layer, deep_pool_fn
             )
-            return ReferenceOutput(
-                prompt_token_ids=full,
-                token_ids=out_ids,
-                logprobs=logprobs,
-                audio_tokens_in=[int(e.shape[0]) for e in raw],
-                audio_tokens_kept=[int(p.shape[0]) for p in pooled],
-                deep_tokens_kept=deep_kept,
-                deep_kv_len=deep_kv_len,
-            )
-
-        out_ids: list[int] = []
-        logprobs: list[torch.Tensor] = []
-        past = None
-        step_in = embeds
-        pos = torch.arange(len(full))[None, :]
-        for _ in range(max_new_tokens):
-            o = lm(inputs_embeds=step_in, position_ids=pos, past_key_values=past, use_cache=True)
-            past = o.past_key_values
-            logits = self.model.lm_head(o.last_hidden_state[0, -1]).float()
-            lp = torch.log_softmax(logits, dim=-1)
-            nxt = int(torch.argmax(logits))
-            out_ids.append(nxt)
-            logprobs.append(lp)
-            step_in = lm.get_input_embeddings()(torch.tensor([[nxt]]))
-            pos = pos[:, -1:] + 1
+        else:
+            out_ids, logprobs = self._generate_plain(embeds, len(full), max_new_tokens)
+            deep_kept, deep_kv_len = [], None
         return ReferenceOutput(
             prompt_token_ids=full,
             token_ids=out_ids,
             logprobs=logprobs,
             audio_tokens_in=[int(e.shape[0]) for e in raw],
             audio_tokens_kept=[int(p.shape[0]) for p in pooled],
+            deep_tokens_kept=deep_kept,
+            deep_kv_len=deep_kv_len,
         )
+
+    def _generate_plain(self, embeds: torch.Tensor, prompt_len: int, max_new_tokens: int):
+        """Greedy decoding through transformers' own language-model forward."""
+        lm = self.model.model.language_model
+        out_ids: list[int] = []
+        logprobs: list[torch.Tensor] = []
+        past = None
+        step_in = embeds
+        pos = torch.arange(prompt_len)[None, :]
+        for _ in range(max_new_tokens):
+            o = lm(inputs_embeds=step_in, position_ids=pos, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            logits = self.model.lm_head(o.last_hidden_state[0, -1]).float()
+            nxt = int(torch.argmax(logits))
+            out_ids.append(nxt)
+            logprobs.append(torch.log_softmax(logits, dim=-1))
+            step_in = lm.get_input_embeddings()(torch.tensor([[nxt]]))
+            pos = pos[:, -1:] + 1
+        return out_ids, logprobs
 
     def _generate_deep(
         self,
