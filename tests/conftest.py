@@ -104,4 +104,4 @@ def run_engine_subprocess(job: dict, tmp_path: Path, env: dict | None = None) ->
     )
     if r.returncode != 0:
         raise AssertionError(f"engine subprocess failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
-    return json.loads(out_file.read_text())
+    return {**json.loads(out_file.read_text()), "log": r.stdout + r.stderr}

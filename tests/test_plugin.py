@@ -90,7 +90,7 @@ def test_enabled_plugin_pools_where_stock_does_not(stock_run, engine, clips):
     [
         ({"input": {"keep_ratio": 0.5, "window": 3, "method": "affinity"}},
          dict(keep_ratio=0.5, window=3, method="affinity")),
-        ("uniform-74", dict(keep_ratio=0.7432, window=1, method="uniform")),
+        ("uniform-74", dict(keep_ratio=0.7432, window=1, method="uniform", encoder_real_length=True)),
     ],
     ids=["window3", "uniform74"],
 )

@@ -19,7 +19,8 @@ from .conftest import CACHE, load_audio
 pytestmark = pytest.mark.server
 
 PRESET_RATIO = 0.7432  # paper-aggressive: input stage
-PRESET_DEEP = dict(deep_merge_layer=1, deep_keep_ratio=0.2006, deep_window=3)  # -3 of 4 layers
+PRESET_DEEP = dict(deep_merge_layer=1, deep_keep_ratio=0.2006, deep_window=3,  # -3 of 4 layers
+                   encoder_real_length=True)
 QUESTION = "What does the speaker say?"
 
 

@@ -99,6 +99,10 @@ class AffinityConfig(_Strict):
     max_request_keep_ratio: float = Field(
         1.0, gt=0.0, le=1.0, description="highest per-request keep ratio a client may ask for"
     )
+    encoder_real_length: bool = Field(
+        False, description="run the audio encoder on the real audio length (+ the convolutions' "
+        "margin) instead of the whole 30 s window; outputs equal up to float rounding"
+    )
     max_audio_seconds: float | None = Field(
         None, gt=0.0, description="reject longer audio with HTTP 400 (default: truncate to the "
         "encoder's 30 s window with a logged warning)"
@@ -124,6 +128,8 @@ class AffinityConfig(_Strict):
             "input stage off" if s is None
             else f"input stage: keep_ratio={s.keep_ratio}, window={s.window}, method={s.method}"
         )
+        if self.encoder_real_length:
+            parts.append("encoder on the real audio length")
         d = self.deep
         parts.append(
             "deep stage off" if d is None

@@ -390,6 +390,18 @@ class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGenerat
         # request, which is never inside an audio span in chat prompts)
         return h if back is None else h[back]
 
+    def _process_audio_input(self, audio_input):
+        if not self.affinity.encoder_real_length or audio_input["type"] != "audio_features":
+            return super()._process_audio_input(audio_input)
+        from ..encoder import encode_real_length
+
+        out = []
+        for feats, mask in zip(audio_input["input_features"], audio_input["feature_attention_mask"]):
+            frames = int(mask.sum())
+            logger.debug("vllm-affinity: encoder on %d of %d mel frames", frames, feats.shape[-1])
+            out.append(self.multi_modal_projector(encode_real_length(self.audio_tower, feats, frames)))
+        return tuple(out)
+
     def embed_multimodal(self, **kwargs: object):
         kept = kwargs.pop(NUM_KEPT_FIELD, None)
         embeds = super().embed_multimodal(**kwargs)

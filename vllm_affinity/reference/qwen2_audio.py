@@ -68,8 +68,13 @@ class ReferenceQwen2Audio:
 
     # -- audio path -------------------------------------------------------------------
     @torch.no_grad()
-    def audio_embeddings(self, audios: list[tuple[np.ndarray, int]]) -> list[torch.Tensor]:
-        """Encoder + projector output of each audio, padded frames removed: [(n_i, H)]."""
+    def audio_embeddings(
+        self, audios: list[tuple[np.ndarray, int]], encoder_real_length: bool = False
+    ) -> list[torch.Tensor]:
+        """Encoder + projector output of each audio, padded frames removed: [(n_i, H)].
+
+        ``encoder_real_length``: encode only the real frames (+ margin), as the plugin
+        does with that switch (:mod:`vllm_affinity.encoder`)."""
         from transformers.masking_utils import create_bidirectional_mask
 
         waves = [to_16k_mono(a, sr) for a, sr in audios]
@@ -84,6 +89,11 @@ class ReferenceQwen2Audio:
         feats = fe["input_features"].to(self.model.dtype)
         fmask = fe["attention_mask"]
         tower = self.model.model.audio_tower
+        if encoder_real_length:
+            from ..encoder import encode_real_length
+
+            proj = self.model.model.multi_modal_projector
+            return [proj(encode_real_length(tower, f, int(m.sum()))) for f, m in zip(feats, fmask)]
         feat_lens, out_lens = tower._get_feat_extract_output_lengths(fmask.sum(-1))
         b, _, max_mel = feats.shape
         max_seq = (max_mel - 2) // 2 + 1
@@ -135,6 +145,7 @@ class ReferenceQwen2Audio:
         deep_window: int = 3,
         deep_method: pooling.Method = "affinity",
         deep_pool_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        encoder_real_length: bool = False,
     ) -> ReferenceOutput:
         """Greedy decoding; ``prompt`` holds one ``<|AUDIO|>`` per audio (unexpanded).
 
@@ -160,7 +171,7 @@ class ReferenceQwen2Audio:
         n_slots = sum(1 for t in ids if t == self.audio_token_id)
         if n_slots != len(audios):
             raise ValueError(f"prompt has {n_slots} audio placeholders for {len(audios)} audios")
-        raw = self.audio_embeddings(audios) if audios else []
+        raw = self.audio_embeddings(audios, encoder_real_length) if audios else []
         if pool_fn is None:
 
             def pool_fn(e: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""Run Qwen2-Audio's Whisper-style encoder on the real audio length, not the 30 s window.
+
+Stock Qwen2-Audio (transformers and vLLM alike) always encodes 3000 mel frames (30 s)
+and masks the padded frames out of attention; a 10 s clip pays for 30 s of encoder.
+The outputs at real frames depend only on real frames plus the convolutions'
+receptive field, so we encode ``real mel frames + MARGIN`` instead:
+
+* conv1 (k=3, s=1, p=1) and conv2 (k=3, s=2, p=1) make encoder position j depend on mel
+  frames up to 2j + 2; the last real position needs at most frame L + 1 (L real frames);
+* the learned positions are absolute (the first T' of them are the same);
+* padded positions are masked out of attention as keys, exactly as in the stock path;
+* the stride-2 average pool of the real positions reads real positions only.
+
+So real outputs equal the stock ones up to float summation order (tests measure it).
+Pure torch over the transformers encoder module; no vLLM import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# mel frames kept after the real ones: >= 2 for the convolutions; even keeps conv2 aligned
+MARGIN = 4
+
+
+def encoder_output_lengths(mel_frames: int) -> tuple[int, int]:
+    """(positions after conv2, tokens after the average pool) for L real mel frames."""
+    feat = (mel_frames - 1) // 2 + 1
+    return feat, (feat - 2) // 2 + 1
+
+
+def encode_real_length(tower, features: torch.Tensor, mel_frames: int) -> torch.Tensor:
+    """Encode ONE audio. ``features``: (num_mel_bins, 3000) log-mel of the 30 s window;
+    ``mel_frames``: its real frames (the feature attention mask's sum). Returns the
+    encoder's last hidden state for the real tokens only: (tokens, d_model)."""
+    total = features.shape[-1]
+    keep = min(total, mel_frames + MARGIN + (mel_frames + MARGIN) % 2)
+    x = features[None, :, :keep].to(dtype=tower.conv1.weight.dtype, device=tower.conv1.weight.device)
+    x = torch.nn.functional.gelu(tower.conv1(x))
+    x = torch.nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)
+    positions = x.shape[1]
+    x = x + tower.embed_positions.weight[:positions]
+    feat_len, out_len = encoder_output_lengths(mel_frames)
+    # key-padding mask as in the stock path: -inf on padded key positions
+    mask = torch.zeros(1, 1, positions, positions, dtype=x.dtype, device=x.device)
+    mask[..., feat_len:] = float("-inf")
+    for layer in tower.layers:
+        out = layer(x, mask)
+        x = out[0] if isinstance(out, tuple) else out
+    x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)
+    x = tower.layer_norm(x)
+    return x[0, :out_len]
