@@ -28,7 +28,3 @@ class AffinityCPUWorker(CPUWorker):
             )
         self.model_runner = AffinityCPUModelRunner(self.vllm_config, torch.device("cpu"))
 
-
-def gpu_worker_cls() -> str:
-    """GPU counterpart (V1 runner forced by the config hook); not exercised in CI."""
-    return "vllm_affinity.engine.gpu_worker.AffinityGPUWorker"
