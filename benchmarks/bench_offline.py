@@ -207,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     clips = make_clips(a.buckets)
     kv_bytes = int((a.kv_gib or (1.0625 if a.shape == "7b" else 0.5)) * 2**30)
     dtype = "bfloat16" if a.shape == "7b" else "float32"
-    a.out.mkdir(parents=True, exist_ok=True)
     runs = []
     order = list(a.variants)
     jobs = [(r, v) for r in range(a.rounds) for v in (order if r % 2 == 0 else order[::-1])]
@@ -256,24 +255,22 @@ def main(argv: list[str] | None = None) -> int:
                 row["kv_ratio"] = v["kv_bytes"] / stock["kv_bytes"]
             rows.append(row)
 
-    (a.out / f"offline_{a.shape}.json").write_text(json.dumps({"runs": runs, "rows": rows, "args": vars(a) | {"out": str(a.out)}}, indent=2, default=str))
-    lines = [
-        f"| audio | variant | TTFT median (s) | p90 (s) | prompt tokens | audio tokens in→input→deep | "
-        f"prefill GFLOP | TTFT speed-up | FLOPs-limit speed-up | KV bytes/request | KV vs stock | peak RSS (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['bucket_s']:g} s | {r['variant']} | {r['median']:.3f} | {r['p90']:.3f} | {r['prompt']} | "
-            f"{int(r['bucket_s'] * 25)}→{r['k_in']}→{r['k_deep']} | {r['flops'] / 1e9:.1f} | "
-            f"{r.get('ttft_speedup', float('nan')):.2f}x | {r.get('flops_limit_speedup', float('nan')):.2f}x | "
-            f"{r['kv_bytes'] / 2**20:.2f} MiB | {r.get('kv_ratio', float('nan')):.2f} | {r['rss']:.1f} |")
-    table = "\n".join(lines)
-    (a.out / f"offline_{a.shape}.md").write_text(
-        f"# Offline prefill benchmark ({a.shape} shape)\n\n{table}\n\n"
+    from benchmarks.report import write_report
+
+    nan = float("nan")
+    write_report(
+        a.out, f"offline_{a.shape}", f"Offline prefill benchmark ({a.shape} shape)",
+        ["audio", "variant", "TTFT median (s)", "p90 (s)", "prompt tokens", "audio tokens in→input→deep",
+         "prefill GFLOP", "TTFT speed-up", "FLOPs-limit speed-up", "KV bytes/request", "KV vs stock",
+         "peak RSS (GiB)"],
+        [[f"{r['bucket_s']:g} s", r["variant"], f"{r['median']:.3f}", f"{r['p90']:.3f}", str(r["prompt"]),
+          f"{int(r['bucket_s'] * 25)}→{r['k_in']}→{r['k_deep']}", f"{r['flops'] / 1e9:.1f}",
+          f"{r.get('ttft_speedup', nan):.2f}x", f"{r.get('flops_limit_speedup', nan):.2f}x",
+          f"{r['kv_bytes'] / 2**20:.2f} MiB", f"{r.get('kv_ratio', nan):.2f}", f"{r['rss']:.1f}"] for r in rows],
         f"{a.reps} timed requests x {a.rounds} rounds per cell after a warm-up; max_tokens=1; "
-        f"2 CPU cores, single-process engine, dummy weights, {dtype}.\n")
-    print(table)
+        f"2 CPU cores, single-process engine, dummy weights, {dtype}.",
+        {"runs": runs, "rows": rows, "args": vars(a) | {"out": str(a.out)}},
+    )
     try:
         import matplotlib
 

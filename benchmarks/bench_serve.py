@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import statistics
 import sys
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_offline import build_model, make_clips  # noqa: E402
+from benchmarks.bench_offline import build_model, make_clips, pct  # noqa: E402
 
 SPECS = {"stock": None, "paper-aggressive": "paper-aggressive", "input-only": "input-only"}
 
@@ -104,7 +103,7 @@ def run_variant(variant: str, model: Path, clip: Path, a, dtype: str) -> dict:
     return {
         "variant": variant, "requests": a.requests, "wall_s": wall, "max_running": running_max[0],
         "requests_per_s": a.requests / wall, "output_tokens_per_s": sum(r[2] for r in res) / wall,
-        "ttft_median_s": statistics.median(ttfts), "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))],
+        "ttft_median_s": statistics.median(ttfts), "ttft_p90_s": pct(ttfts, 0.9),
         "ttft_s": ttfts,
     }
 
@@ -124,21 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "bfloat16" if a.shape == "7b" else "float32"
     rows = [run_variant(v, model, clip, a, dtype) for v in a.variants]
     stock = next((r for r in rows if r["variant"] == "stock"), None)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"serve_{a.shape}.json").write_text(json.dumps({"rows": rows, "args": {**vars(a), "out": str(a.out)}},
-                                                            indent=2, default=str))
-    lines = ["| variant | most running at once | vs stock | requests/s | output tokens/s | TTFT median (s) | TTFT p90 (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = r["max_running"] / stock["max_running"] if stock and stock["max_running"] else float("nan")
-        lines.append(f"| {r['variant']} | {r['max_running']:.0f} | {ratio:.2f}x | {r['requests_per_s']:.2f} | "
-                     f"{r['output_tokens_per_s']:.1f} | {r['ttft_median_s']:.2f} | {r['ttft_p90_s']:.2f} |")
-    table = "\n".join(lines)
-    (a.out / f"serve_{a.shape}.md").write_text(
-        f"# Serving benchmark ({a.shape} shape)\n\n{table}\n\n{a.requests} concurrent chat requests with "
-        f"{a.seconds:g} s of audio, KV budget {a.kv_mib:g} MiB, block size 32, max_tokens 16, "
-        f"prefix caching off, 2 CPU cores.\n")
-    print(table)
+    from benchmarks.report import write_report
+
+    def vs_stock(r):
+        return r["max_running"] / stock["max_running"] if stock and stock["max_running"] else float("nan")
+
+    write_report(
+        a.out, f"serve_{a.shape}", f"Serving benchmark ({a.shape} shape)",
+        ["variant", "most running at once", "vs stock", "requests/s", "output tokens/s", "TTFT median (s)",
+         "TTFT p90 (s)"],
+        [[r["variant"], f"{r['max_running']:.0f}", f"{vs_stock(r):.2f}x", f"{r['requests_per_s']:.2f}",
+          f"{r['output_tokens_per_s']:.1f}", f"{r['ttft_median_s']:.2f}", f"{r['ttft_p90_s']:.2f}"] for r in rows],
+        f"{a.requests} concurrent chat requests with {a.seconds:g} s of audio, KV budget {a.kv_mib:g} MiB, "
+        "block size 32, max_tokens 16, prefix caching off, 2 CPU cores.",
+        {"rows": rows, "args": {**vars(a), "out": str(a.out)}},
+    )
     return 0
 
 
