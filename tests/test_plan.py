@@ -60,3 +60,13 @@ def test_compacted_is_monotone_and_matches_kept(gaps, ratio):
     for t in range(end):  # +1 per token, minus what a span finishing at t+1 merges away
         assert values[t + 1] - values[t] == 1 - removed_at.get(t + 1, 0)
     assert values[-1] == end - sum(n - num_kept(n, ratio) for _, n in ranges)
+
+
+def test_schedulable_end_never_splits_a_span():
+    plan = DeepPlan.from_ranges([(24, 555), (700, 50)], 0.3)
+    assert plan.schedulable_end(24, 456) == 24  # starts AT the span: schedule nothing (vLLM 0.32 would split)
+    assert plan.schedulable_end(0, 456) == 24  # stop before the span
+    assert plan.schedulable_end(24, 579) == 579  # the whole span fits
+    assert plan.schedulable_end(0, 720) == 700  # second span cut: stop before it
+    assert plan.schedulable_end(579, 650) == 650  # text only
+    assert plan.schedulable_end(0, 2000) == 2000

@@ -78,6 +78,14 @@ class DeepPlan:
     def span_compact_start(self, span: Span) -> int:
         return span.offset - self.removed_before(span.offset)
 
+    def schedulable_end(self, start: int, end: int) -> int:
+        """The largest end' <= ``end`` such that [start, end') splits no span: a chunk
+        that would stop inside a span stops before it instead (possibly at ``start``)."""
+        for s in self.spans:
+            if start <= s.offset < end < s.end:
+                return s.offset
+        return end
+
     def spans_in(self, start: int, end: int) -> list[Span]:
         """Spans inside [start, end); raises if one is cut by the range (chunked audio)."""
         out = []
