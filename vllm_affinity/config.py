@@ -26,6 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 REQUEST_KEEP_RATIO_KEY = "affinity_keep_ratio"
 #: key of the SPEC in ``--hf-overrides`` (and thus on the HF config object)
 HF_CONFIG_KEY = "affinity"
+#: Qwen2-Audio's encoder window (seconds); longer audio is truncated or windowed
+ENCODER_WINDOW_SECONDS = 30
+#: longest audio accepted with ``long_audio: windows`` when ``max_audio_seconds`` is unset
+DEFAULT_MAX_WINDOWED_SECONDS = 120.0
 
 
 class AffinityConfigError(ValueError):
@@ -103,9 +107,15 @@ class AffinityConfig(_Strict):
         False, description="run the audio encoder on the real audio length (+ the convolutions' "
         "margin) instead of the whole 30 s window; outputs equal up to float rounding"
     )
+    long_audio: Literal["truncate", "windows"] = Field(
+        "truncate", description="audio over the encoder's 30 s window: 'truncate' keeps the "
+        "first 30 s (logged warning, stock behaviour); 'windows' encodes consecutive 30 s "
+        "windows and concatenates their embeddings before pooling"
+    )
     max_audio_seconds: float | None = Field(
-        None, gt=0.0, description="reject longer audio with HTTP 400 (default: truncate to the "
-        "encoder's 30 s window with a logged warning)"
+        None, gt=0.0, description="reject longer audio with HTTP 400. Default: no limit with "
+        f"long_audio=truncate; {DEFAULT_MAX_WINDOWED_SECONDS:g} s with long_audio=windows (it "
+        "sizes vLLM's encoder-cache budget, so it is always finite there)"
     )
 
     @model_validator(mode="after")
@@ -121,6 +131,20 @@ class AffinityConfig(_Strict):
     def enabled(self) -> bool:
         return self.input is not None or self.deep is not None
 
+    @property
+    def audio_seconds_limit(self) -> float | None:
+        """Longest audio accepted (None: any length, truncated to the encoder window)."""
+        if self.max_audio_seconds is not None:
+            return self.max_audio_seconds
+        return DEFAULT_MAX_WINDOWED_SECONDS if self.long_audio == "windows" else None
+
+    @property
+    def max_windows(self) -> int:
+        """Encoder windows one audio may need (1 unless ``long_audio: windows``)."""
+        if self.long_audio != "windows":
+            return 1
+        return max(1, math.ceil(round(self.audio_seconds_limit / ENCODER_WINDOW_SECONDS, 6)))
+
     def describe(self) -> str:
         parts = []
         s = self.input
@@ -130,6 +154,11 @@ class AffinityConfig(_Strict):
         )
         if self.encoder_real_length:
             parts.append("encoder on the real audio length")
+        if self.long_audio == "windows":
+            parts.append(
+                f"audio over {ENCODER_WINDOW_SECONDS} s encoded in {ENCODER_WINDOW_SECONDS} s windows "
+                f"(up to {self.audio_seconds_limit:g} s)"
+            )
         d = self.deep
         parts.append(
             "deep stage off" if d is None

@@ -50,3 +50,28 @@ def encode_real_length(tower, features: torch.Tensor, mel_frames: int) -> torch.
     x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)
     x = tower.layer_norm(x)
     return x[0, :out_len]
+
+
+# -- audio longer than the encoder's 30 s window (``long_audio: windows``) ---------------
+#: a last window shorter than this (0.1 s at 16 kHz) is dropped: it would give the encoder
+#: at most one or two frames (possibly zero tokens) and carries no speech worth a token
+MIN_TAIL_SAMPLES = 1600
+
+
+def window_bounds(num_samples: int, window_samples: int) -> list[tuple[int, int]]:
+    """[start, end) sample ranges of consecutive encoder windows covering an audio.
+
+    Every window but the last is exactly ``window_samples`` long; a last window shorter
+    than :data:`MIN_TAIL_SAMPLES` is dropped unless it is the only one. The plugin and the
+    reference both split with this function, so they encode the same windows."""
+    if window_samples <= 0:
+        raise ValueError(f"window_samples must be > 0, got {window_samples}")
+    bounds = [(a, min(a + window_samples, num_samples)) for a in range(0, max(num_samples, 1), window_samples)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < MIN_TAIL_SAMPLES:
+        bounds.pop()
+    return bounds
+
+
+def split_windows(wave, window_samples: int) -> list:
+    """The audio's encoder windows (views of ``wave``, a 1-D array or tensor)."""
+    return [wave[a:b] for a, b in window_bounds(len(wave), window_samples)]

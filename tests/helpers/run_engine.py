@@ -55,6 +55,8 @@ def main() -> None:
     result["preemptions"] = len(preemptions)
     kvm = scheduler.kv_cache_manager
     result["free_blocks_end"] = kvm.block_pool.get_num_free_blocks()
+    result["encoder_cache_size"] = scheduler.encoder_cache_manager.cache_size
+    result["max_num_encoder_input_tokens"] = scheduler.max_num_encoder_input_tokens
     json.dump(result, open(job["out"], "w"))
 
 

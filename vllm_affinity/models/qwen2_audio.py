@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.qwen2_audio import (
@@ -41,6 +42,7 @@ from vllm.multimodal.parse import AudioProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .. import pooling
+from ..encoder import split_windows, window_bounds
 from ..engine.kv import AffinityDeepAttentionSpec
 from ..config import (
     HF_CONFIG_KEY,
@@ -55,6 +57,8 @@ from ..config import (
 logger = logging.getLogger("vllm.affinity")
 
 NUM_KEPT_FIELD = "affinity_num_kept"
+#: per audio, how many rows of input_features (30 s encoder windows) it spans
+NUM_WINDOWS_FIELD = "affinity_num_windows"
 ENCODER_SR = 16000
 ENCODER_WINDOW_S = 30
 STATS_INTERVAL_S = 10.0
@@ -100,6 +104,14 @@ class AffinityQwen2AudioProcessingInfo(Qwen2AudioProcessingInfo):
         kwargs.pop(REQUEST_KEEP_RATIO_KEY, None)
         return super().get_hf_processor(**kwargs)
 
+    def get_mm_max_tokens_per_item(self, seq_len, mm_counts=None):
+        # one audio may span several 30 s encoder windows: size vLLM's encoder cache and
+        # profiling for the longest audio this server accepts
+        out = dict(super().get_mm_max_tokens_per_item(seq_len, mm_counts))
+        if "audio" in out:
+            out["audio"] *= self.affinity.max_windows
+        return out
+
     def get_data_parser(self):
         # torchaudio (vLLM's default resampler) is absent from CPU installs: use soxr
         fe = self.get_feature_extractor()
@@ -110,6 +122,18 @@ class AffinityQwen2AudioProcessingInfo(Qwen2AudioProcessingInfo):
             expected_hidden_size=self._get_expected_hidden_size(),
             allow_missing_mm_embeddings=self.allow_missing_mm_embeddings,
         )
+
+
+class AffinityQwen2AudioDummyInputsBuilder(Qwen2AudioDummyInputsBuilder):
+    """Profiles with the longest audio the server accepts (several windows with
+    ``long_audio: windows``), so vLLM's memory profile covers the real worst case."""
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
+        data = super().get_dummy_mm_data(seq_len, mm_counts, mm_options)
+        windows = self.info.affinity.max_windows
+        if windows > 1 and data.get("audio"):
+            data["audio"] = [np.tile(a, windows) for a in data["audio"]]
+        return data
 
 
 class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
@@ -133,15 +157,17 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
             seconds = audios.get_audio_length(i) / ENCODER_SR
             if audios.get_audio_length(i) == 0:
                 raise ValueError(f"audio item {i} is empty (0 samples)")
-            if cfg.max_audio_seconds is not None and seconds > cfg.max_audio_seconds:
+            limit = cfg.audio_seconds_limit
+            if limit is not None and seconds > limit:
                 raise ValueError(
                     f"audio item {i} is {seconds:.1f} s long, over this server's "
-                    f"max_audio_seconds={cfg.max_audio_seconds:g}"
+                    f"max_audio_seconds={limit:g}"
                 )
-            if seconds > ENCODER_WINDOW_S:
+            if seconds > ENCODER_WINDOW_S and cfg.long_audio == "truncate":
                 logger.warning(
                     "vllm-affinity: audio item %d is %.1f s; Qwen2-Audio's encoder sees the first "
-                    "%d s, the rest is dropped (set max_audio_seconds to reject such audio)",
+                    "%d s, the rest is dropped (set long_audio: windows to encode all of it, or "
+                    "max_audio_seconds to reject such audio)",
                     i, seconds, ENCODER_WINDOW_S,
                 )
         out = super().apply(inputs, timing_ctx)
@@ -157,12 +183,17 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
         return audio if isinstance(audio, AudioProcessorItems) else None
 
     def _encoder_tokens(self, num_samples: int) -> int:
-        """Stock placeholder count of a 16 kHz audio: the feature extractor marks
-        ceil(samples / hop) frames (at most its 30 s window), then the encoder's two
-        stride-2 stages. Computed from the waveform, so processor-cache hits count too."""
+        """Placeholder count of a 16 kHz audio before pooling: per encoder window, the
+        feature extractor marks ceil(samples / hop) frames (at most its 30 s window),
+        then the encoder's two stride-2 stages. Stock Qwen2-Audio has one window (the
+        first 30 s). Computed from the waveform, so processor-cache hits count too."""
         fe = self.info.get_feature_extractor()
-        frames = -(-min(num_samples, fe.n_samples) // fe.hop_length)
-        return int(_get_feat_extract_output_lengths(torch.tensor(frames))[1])
+        if self.info.affinity.long_audio == "windows":
+            lengths = [b - a for a, b in window_bounds(num_samples, fe.n_samples)]
+        else:
+            lengths = [min(num_samples, fe.n_samples)]
+        frames = torch.tensor([-(-x // fe.hop_length) for x in lengths])
+        return int(_get_feat_extract_output_lengths(frames)[1].sum())
 
     def _account(self, out, ratio: float, audios: AudioProcessorItems) -> None:
         """Log and count what the plugin did to this request (all counts are exact)."""
@@ -213,7 +244,21 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEEP_RATIO_KEY}
-        return super()._call_hf_processor(hf_data, hf_kwargs)
+        audios = hf_data.get("audio")
+        if self.info.affinity.long_audio != "windows" or not audios:
+            return super()._call_hf_processor(hf_data, hf_kwargs)
+        # Long audio: every 30 s window becomes one row of input_features, exactly as if
+        # it were an audio of its own; NUM_WINDOWS_FIELD says which rows make one audio.
+        # (The text here is vLLM's dummy text, one placeholder per HF audio; the real
+        # prompt is expanded by _get_prompt_updates.)
+        n_samples = self.info.get_feature_extractor().n_samples
+        windows = [split_windows(a, n_samples) for a in audios]
+        data = dict(hf_data, audio=[w for ws in windows for w in ws])
+        if "text" in data:
+            data["text"] = self.dummy_inputs.get_dummy_text({"audio": len(data["audio"])})
+        out = super()._call_hf_processor(data, hf_kwargs)
+        out[NUM_WINDOWS_FIELD] = torch.tensor([len(ws) for ws in windows], dtype=torch.long)
+        return out
 
     def _postprocess_hf_mm_data(self, hf_data, hf_processor_mm_kwargs, processed_data):
         processed_data = super()._postprocess_hf_mm_data(
@@ -226,6 +271,9 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
         ratio = request_keep_ratio(self.info.affinity, merged_kwargs)
         _, lengths = _get_feat_extract_output_lengths(mask.sum(-1))
         n = [int(x) for x in lengths.tolist()]
+        num_windows = processed_data.get(NUM_WINDOWS_FIELD)
+        if num_windows is not None:  # one audio = several rows: sum its windows
+            n = [int(sum(x)) for x in torch.split(torch.tensor(n), num_windows.tolist())]
         k = [pooling.num_kept(x, ratio) for x in n]
         processed_data[NUM_KEPT_FIELD] = torch.tensor(k, dtype=torch.long)
         return processed_data
@@ -233,6 +281,11 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields[NUM_KEPT_FIELD] = MultiModalFieldConfig.batched("audio", keep_on_cpu=True)
+        num_windows = hf_inputs.get(NUM_WINDOWS_FIELD)
+        if num_windows is not None:
+            for key in ("input_features", "feature_attention_mask"):
+                fields[key] = MultiModalFieldConfig.flat_from_sizes("audio", num_windows)
+            fields[NUM_WINDOWS_FIELD] = MultiModalFieldConfig.batched("audio", keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(
@@ -344,7 +397,7 @@ def merge_step(h, residual, positions, step, method: str, window: int, failed: l
 @MULTIMODAL_REGISTRY.register_processor(
     AffinityQwen2AudioMultiModalProcessor,
     info=AffinityQwen2AudioProcessingInfo,
-    dummy_inputs=Qwen2AudioDummyInputsBuilder,
+    dummy_inputs=AffinityQwen2AudioDummyInputsBuilder,
 )
 class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGeneration):
     """Stock Qwen2-Audio whose audio embeddings are pooled to the processor's count."""
@@ -404,7 +457,14 @@ class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGenerat
 
     def embed_multimodal(self, **kwargs: object):
         kept = kwargs.pop(NUM_KEPT_FIELD, None)
+        num_windows = kwargs.pop(NUM_WINDOWS_FIELD, None)
         embeds = super().embed_multimodal(**kwargs)
+        if num_windows is not None:  # one embedding per 30 s window: concatenate per audio
+            counts = [int(x) for x in (num_windows.tolist() if isinstance(num_windows, torch.Tensor) else num_windows)]
+            if sum(counts) != len(embeds):
+                raise RuntimeError(f"vllm-affinity: {sum(counts)} encoder windows expected, got {len(embeds)}")
+            it = iter(embeds)
+            embeds = tuple(torch.cat([next(it) for _ in range(c)]) for c in counts)
         if kept is None:
             return embeds
         kept = [int(x) for x in (kept.tolist() if isinstance(kept, torch.Tensor) else kept)]

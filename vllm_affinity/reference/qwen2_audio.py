@@ -69,15 +69,31 @@ class ReferenceQwen2Audio:
     # -- audio path -------------------------------------------------------------------
     @torch.no_grad()
     def audio_embeddings(
-        self, audios: list[tuple[np.ndarray, int]], encoder_real_length: bool = False
+        self,
+        audios: list[tuple[np.ndarray, int]],
+        encoder_real_length: bool = False,
+        long_audio: Literal["truncate", "windows"] = "truncate",
     ) -> list[torch.Tensor]:
         """Encoder + projector output of each audio, padded frames removed: [(n_i, H)].
 
         ``encoder_real_length``: encode only the real frames (+ margin), as the plugin
-        does with that switch (:mod:`vllm_affinity.encoder`)."""
+        does with that switch (:mod:`vllm_affinity.encoder`).
+        ``long_audio="windows"``: encode each 30 s window (``encoder.window_bounds``) as an
+        audio of its own and concatenate the windows' outputs; "truncate" keeps 30 s."""
+        waves = [to_16k_mono(a, sr) for a, sr in audios]
+        if long_audio == "windows":
+            from ..encoder import split_windows
+
+            n_samples = self.processor.feature_extractor.n_samples
+            windows = [split_windows(w, n_samples) for w in waves]
+            flat = self._embed_waves([x for ws in windows for x in ws], encoder_real_length)
+            it = iter(flat)
+            return [torch.cat([next(it) for _ in ws]) for ws in windows]
+        return self._embed_waves(waves, encoder_real_length)
+
+    def _embed_waves(self, waves: list[np.ndarray], encoder_real_length: bool) -> list[torch.Tensor]:
         from transformers.masking_utils import create_bidirectional_mask
 
-        waves = [to_16k_mono(a, sr) for a, sr in audios]
         fe = self.processor.feature_extractor(
             waves,
             sampling_rate=TARGET_SR,
@@ -146,6 +162,7 @@ class ReferenceQwen2Audio:
         deep_method: pooling.Method = "affinity",
         deep_pool_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         encoder_real_length: bool = False,
+        long_audio: Literal["truncate", "windows"] = "truncate",
     ) -> ReferenceOutput:
         """Greedy decoding; ``prompt`` holds one ``<|AUDIO|>`` per audio (unexpanded).
 
@@ -171,7 +188,7 @@ class ReferenceQwen2Audio:
         n_slots = sum(1 for t in ids if t == self.audio_token_id)
         if n_slots != len(audios):
             raise ValueError(f"prompt has {n_slots} audio placeholders for {len(audios)} audios")
-        raw = self.audio_embeddings(audios, encoder_real_length) if audios else []
+        raw = self.audio_embeddings(audios, encoder_real_length, long_audio) if audios else []
         if pool_fn is None:
 
             def pool_fn(e: torch.Tensor) -> torch.Tensor:
