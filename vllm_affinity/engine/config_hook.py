@@ -8,6 +8,7 @@ the config-time extension point (the same map vLLM's own models use).
 With a deep stage it sets, each with a log line:
 * prefix caching off: a compacted block is not a prefix of the stock token blocks;
 * ``disable_chunked_mm_input``: an audio span is merged whole, never across chunks;
+  with ``long_audio: windows`` it raises ``max_num_batched_tokens`` to fit the longest audio;
 * eager mode: the merge has data-dependent shapes inside the decoder stack;
 * our scheduler and worker classes (refusing conflicting user choices);
 * the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0);
@@ -54,6 +55,14 @@ class AffinityConfigHook(VerifyAndUpdateConfig):
         if not sched.disable_chunked_mm_input:
             sched.disable_chunked_mm_input = True
             logger.info("vllm-affinity: disable_chunked_mm_input=True (an audio span is merged whole)")
+        # a whole audio must fit one step; with windows one audio is several 30 s windows
+        from ..encoder import TOKENS_PER_WINDOW
+
+        need = cfg.max_windows * TOKENS_PER_WINDOW
+        if cfg.max_windows > 1 and sched.max_num_batched_tokens < need:
+            logger.info("vllm-affinity: max_num_batched_tokens %d -> %d (an audio of up to %g s is "
+                        "prefilled in one step)", sched.max_num_batched_tokens, need, cfg.audio_seconds_limit)
+            sched.max_num_batched_tokens = need
         if sched.scheduler_cls not in (None, SCHEDULER_CLS):
             raise ValueError(f"vllm-affinity: the deep stage needs scheduler_cls={SCHEDULER_CLS}, "
                              f"got {sched.scheduler_cls}")
