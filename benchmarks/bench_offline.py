@@ -1,7 +1,7 @@
 """Offline prefill benchmark: stock vLLM vs vllm-affinity variants, same utterances, one run.
 
-    python benchmarks/bench_offline.py [--shape scaled|7b] [--buckets 10 30] [--reps 3]
-                                       [--variants stock off paper-aggressive input-only deep-only]
+    python benchmarks/bench_offline.py [--shape scaled|7b] [--buckets 10 30 60] [--reps 3]
+                                       [--variants stock off windows-only paper-aggressive input-only deep-only]
                                        [--rounds 2] [--out benchmarks/results]
 
 Each variant runs in its own engine process (one engine at a time fits in memory);
@@ -19,10 +19,20 @@ processor, whose audio token id is patched into the config):
   heads of 64, 8 KV heads), 12 layers, MLP 2816; encoder d_model 512, 8 layers,
   8 heads, FFN 2048; vocab 156032 kept; fp32.
 
+Audio over 30 s: stock Qwen2-Audio (and ``off``) truncate it to 30 s, so for such a bucket
+the baseline of every ratio is ``windows-only`` (no pooling, every 30 s window encoded),
+which the presets' ``long_audio: windows`` also use; the table says which baseline a row uses.
+
+Also measured: the merge itself (affinity scores + grouping + mean pooling, both stages,
+on random hidden states of the model's width and dtype, in the engine process) as a
+fraction of the variant's TTFT; and the CPU time other processes used while each engine
+ran (from /proc/stat minus the engine's own rusage), so a noisy machine shows.
+
 Writes ``offline_<shape>.json`` (raw runs), ``offline_<shape>.md`` (table: TTFT
 median / p90, prompt tokens, audio tokens per stage, analytic prefill FLOPs and the
 FLOPs-limit speed-up, KV bytes per request from the blocks the engine held, peak RSS,
-ratios to stock) and, with matplotlib installed, ``offline_<shape>_ttft.png``.
+ratios to the baseline) and PNG plots (``bench`` extra: matplotlib): TTFT vs audio
+length, KV bytes vs audio length, measured speed-up vs the FLOPs limit.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,6 +53,9 @@ CACHE = ROOT / ".cache" / "bench"
 SPECS = {
     "stock": None,  # VLLM_PLUGINS="": the plugin is not loaded at all
     "off": "off",  # plugin loaded, every stage off: the plugin's overhead
+    # no pooling, audio over 30 s encoded in 30 s windows: the baseline for audio that stock
+    # Qwen2-Audio would truncate to 30 s (the 60 s bucket's speed-ups are against it)
+    "windows-only": {"long_audio": "windows"},
     "paper-aggressive": "paper-aggressive",
     "input-only": "input-only",
     "deep-only": "deep-only",
@@ -165,20 +179,81 @@ def worker(job_path: str) -> None:
             "kv_blocks_per_group": blocks,
             "kv_bytes": sum(b * p for b, p in zip(blocks, page_per_group)),
         }
+    out["merge_s"] = merge_timings(job, llm)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     Path(job["out"]).write_text(json.dumps(out))
 
 
+def merge_timings(job: dict, llm) -> dict[str, float]:
+    """Seconds the merge itself takes per bucket (both stages; median of 5): affinity
+    scores, exact-count grouping and mean pooling on random states of the LM's width
+    and dtype, shaped as this variant's spans. Same functions the model calls."""
+    import torch
+
+    from vllm_affinity import pooling
+
+    if job["spec"] is None:
+        return {}
+    hidden = llm.llm_engine.model_config.hf_text_config.hidden_size
+    dtype = torch.bfloat16 if job["dtype"] == "bfloat16" else torch.float32
+    out = {}
+    for secs in job["clips"]:
+        n, k_in, k_deep, _, _ = audio_stages(job["spec"], float(secs), 32)
+        cfg = load_cfg(job["spec"])
+        x_in = torch.randn(n, hidden, dtype=dtype)
+        x_deep = torch.randn(k_in, hidden, dtype=dtype)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            if cfg.input is not None:
+                pooling.merge(x_in, pooling.group_sizes(x_in, k_in, cfg.input.method, cfg.input.window))
+            if cfg.deep is not None:
+                pooling.merge(x_deep, pooling.group_sizes(x_deep, k_deep, cfg.deep.method, cfg.deep.window))
+            times.append(time.perf_counter() - t0)
+        out[secs] = statistics.median(times)
+    return out
+
+
+def cpu_busy_jiffies() -> int:
+    """All CPUs' busy time so far (user+nice+system+irq+softirq+steal), in clock ticks."""
+    f = open("/proc/stat").readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    return user + nice + system + irq + softirq + steal
+
+
 # -- driver --------------------------------------------------------------------------------
-def audio_stages(spec, n: int, num_layers: int) -> tuple[int, int, int | None, bool]:
+def load_cfg(spec):
     from vllm_affinity.config import load_spec
+
+    return load_spec(spec if spec is not None else "off")
+
+
+def mel_frames(cfg, secs: float) -> list[int]:
+    """Real mel frames of each 30 s window the variant encodes (stock: the first 30 s)."""
+    from vllm_affinity.encoder import window_bounds
+
+    samples = int(round(secs * 16000))
+    bounds = window_bounds(samples, 480000) if cfg.long_audio == "windows" else [(0, min(samples, 480000))]
+    return [min(3000, -(-(b - a) // 160)) for a, b in bounds]
+
+def audio_stages(spec, secs: float, num_layers: int) -> tuple[int, int, int, int | None, list[int]]:
+    """(tokens in, after the input stage, after the deep stage, deep layer, encoder
+    positions per window) for one audio of ``secs`` seconds."""
     from vllm_affinity.pooling import num_kept
 
-    cfg = load_spec(spec) if spec else load_spec("off")
+    from vllm_affinity.encoder import MARGIN, encoder_output_lengths
+
+    cfg = load_cfg(spec)
+    frames = mel_frames(cfg, secs)
+    n = sum(encoder_output_lengths(f)[1] for f in frames)
+    # encoder positions (after conv2): the whole 30 s window (1500), or with
+    # encoder_real_length the real frames + margin (as vllm_affinity.encoder encodes them)
+    positions = [(min(3000, f + MARGIN + (f + MARGIN) % 2) - 1) // 2 + 1 if cfg.encoder_real_length else 1500
+                 for f in frames]
     k_in = num_kept(n, cfg.input.keep_ratio) if cfg.input else n
     if cfg.deep:
-        return k_in, num_kept(k_in, cfg.deep.keep_ratio), cfg.deep.resolve_layer(num_layers), cfg.encoder_real_length
-    return k_in, k_in, None, cfg.encoder_real_length
+        return n, k_in, num_kept(k_in, cfg.deep.keep_ratio), cfg.deep.resolve_layer(num_layers), positions
+    return n, k_in, k_in, None, positions
 
 
 def pct(xs, q):
@@ -192,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(prog="python benchmarks/bench_offline.py")
     p.add_argument("--shape", choices=["scaled", "7b"], default="scaled")
-    p.add_argument("--buckets", type=float, nargs="+", default=[10.0, 30.0])
+    p.add_argument("--buckets", type=float, nargs="+", default=[10.0, 30.0, 60.0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=list(SPECS), choices=list(SPECS))
@@ -220,55 +295,112 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if variant == "stock":
             env["VLLM_PLUGINS"] = ""
+        busy0, t0 = cpu_busy_jiffies(), time.monotonic()
+        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = subprocess.run([sys.executable, __file__, "--worker", str(job_path)], env=env,
                            capture_output=True, text=True)
+        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall, busy = time.monotonic() - t0, (cpu_busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK")
+        own = (child1.ru_utime - child0.ru_utime) + (child1.ru_stime - child0.ru_stime)
         if r.returncode != 0:
             print(r.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"variant {variant} failed")
-        runs.append({"round": rnd, **json.loads(out_path.read_text())})
+        # CPU seconds used by anything but this engine while it ran, per second of wall time
+        other = max(0.0, busy - own) / wall
+        runs.append({"round": rnd, **json.loads(out_path.read_text()), "wall_s": wall,
+                     "engine_cpu_s": own, "other_cpu_per_s": other})
+        tqdm.write(f"{variant} (round {rnd}): {wall:.0f} s, other processes used {other:.2f} CPU")
 
-    # aggregate
+    rows = aggregate(a, cfg, runs)
+    write_outputs(a, rows, runs, dtype)
+    return 0
+
+
+def aggregate(a, cfg: dict, runs: list[dict]) -> list[dict]:
     rows = []
     n_layers = cfg["text_config"]["num_hidden_layers"]
     for secs in a.buckets:
-        n = int(secs * 25)
         per_variant = {}
         for variant in a.variants:
             rs = [r for r in runs if r["variant"] == variant]
             b = [r["buckets"][str(secs)] for r in rs]
             times = [t for x in b for t in x["ttft_s"]]
-            k_in, k_deep, layer, real_len = audio_stages(SPECS[variant], n, n_layers)
+            n, k_in, k_deep, layer, positions = audio_stages(SPECS[variant], secs, n_layers)
             prompt = b[0]["prompt_tokens"]
             text = prompt - k_in
-            positions = (int(secs * 100) + 4) // 2 if real_len else 1500
-            flops = encoder_flops(cfg, positions) + lm_prefill_flops(
+            flops = sum(encoder_flops(cfg, p) for p in positions) + lm_prefill_flops(
                 cfg, prompt, layer, text + k_deep if layer is not None else None)
+            merge = [r["merge_s"][str(secs)] for r in rs if r.get("merge_s")]
+            median = statistics.median(times)
             per_variant[variant] = dict(
-                median=statistics.median(times), p90=pct(times, 0.9), prompt=prompt, k_in=k_in, k_deep=k_deep,
-                flops=flops, kv_bytes=b[0]["kv_bytes"], rss=max(r["peak_rss_gib"] for r in rs), n=len(times))
-        stock = per_variant.get("stock")
+                median=median, p90=pct(times, 0.9), prompt=prompt, n=n, k_in=k_in, k_deep=k_deep,
+                windows=len(positions), flops=flops, kv_bytes=b[0]["kv_bytes"],
+                rss=max(r["peak_rss_gib"] for r in rs), reps=len(times),
+                merge_fraction=statistics.median(merge) / median if merge else None,
+                other_cpu=max(r["other_cpu_per_s"] for r in rs))
+        # the baseline sees the whole audio: stock up to 30 s, windows-only above
+        base_name = "stock" if secs <= 30 or "windows-only" not in per_variant else "windows-only"
+        base = per_variant.get(base_name)
         for variant, v in per_variant.items():
-            row = {"bucket_s": secs, "variant": variant, **v}
-            if stock:
-                row["ttft_speedup"] = stock["median"] / v["median"]
-                row["flops_limit_speedup"] = stock["flops"] / v["flops"]
-                row["kv_ratio"] = v["kv_bytes"] / stock["kv_bytes"]
+            truncated = secs > 30 and load_cfg(SPECS[variant]).long_audio != "windows"
+            row = {"bucket_s": secs, "variant": variant, **v, "baseline": base_name if base else None,
+                   "truncated": truncated}
+            if base and not truncated:  # a truncated run answers another question: no ratio
+                row["ttft_speedup"] = base["median"] / v["median"]
+                row["flops_limit_speedup"] = base["flops"] / v["flops"]
+                row["kv_ratio"] = v["kv_bytes"] / base["kv_bytes"]
+                row["kv_ratio_analytic"] = kv_layer_blocks(v, layer_of(variant), n_layers) / \
+                    kv_layer_blocks(base, layer_of(base_name), n_layers)
             rows.append(row)
+    return rows
 
+
+def layer_of(variant: str) -> int | None:
+    cfg = load_cfg(SPECS[variant])
+    return cfg.deep.merge_layer if cfg.deep else None
+
+
+def kv_layer_blocks(v: dict, merge_layer: int | None, n_layers: int, block: int = 32) -> int:
+    """Analytic KV of one prefilled request, in (layer x block) units: every layer holds
+    ceil(prompt / block) blocks; with a deep stage the layers above it hold the compacted
+    prompt (text + deep-kept audio tokens) instead."""
+    blocks = lambda t: -(-t // block)  # noqa: E731
+    if merge_layer is None:
+        return n_layers * blocks(v["prompt"])
+    layer = merge_layer % n_layers
+    deep_prompt = v["prompt"] - v["k_in"] + v["k_deep"]
+    return (layer + 1) * blocks(v["prompt"]) + (n_layers - layer - 1) * blocks(deep_prompt)
+
+
+def write_outputs(a, rows: list[dict], runs: list[dict], dtype: str) -> None:
     from benchmarks.report import write_report
 
     nan = float("nan")
+
+    def f(x, fmt):
+        return "–" if x is None or x != x else format(x, fmt)
+
     write_report(
         a.out, f"offline_{a.shape}", f"Offline prefill benchmark ({a.shape} shape)",
         ["audio", "variant", "TTFT median (s)", "p90 (s)", "prompt tokens", "audio tokens in→input→deep",
-         "prefill GFLOP", "TTFT speed-up", "FLOPs-limit speed-up", "KV bytes/request", "KV vs stock",
-         "peak RSS (GiB)"],
-        [[f"{r['bucket_s']:g} s", r["variant"], f"{r['median']:.3f}", f"{r['p90']:.3f}", str(r["prompt"]),
-          f"{int(r['bucket_s'] * 25)}→{r['k_in']}→{r['k_deep']}", f"{r['flops'] / 1e9:.1f}",
-          f"{r.get('ttft_speedup', nan):.2f}x", f"{r.get('flops_limit_speedup', nan):.2f}x",
-          f"{r['kv_bytes'] / 2**20:.2f} MiB", f"{r.get('kv_ratio', nan):.2f}", f"{r['rss']:.1f}"] for r in rows],
+         "prefill GFLOP", "baseline", "TTFT speed-up", "FLOPs-limit speed-up", "of limit",
+         "KV bytes/request", "KV vs baseline (analytic)", "merge / TTFT", "peak RSS (GiB)", "other CPU"],
+        [[f"{r['bucket_s']:g} s", r["variant"] + (" (first 30 s only)" if r["truncated"] else ""), f"{r['median']:.3f}", f"{r['p90']:.3f}", str(r["prompt"]),
+          f"{r['n']}→{r['k_in']}→{r['k_deep']}" + (f" ({r['windows']} windows)" if r["windows"] > 1 else ""),
+          f"{r['flops'] / 1e9:.1f}", r["baseline"] or "–",
+          f(r.get("ttft_speedup"), ".2f") + "x", f(r.get("flops_limit_speedup"), ".2f") + "x",
+          f((r.get("ttft_speedup", nan) - 1) / (r.get("flops_limit_speedup", nan) - 1) * 100
+            if r.get("flops_limit_speedup", 1) > 1.001 else None, ".0f") + "%",
+          f"{r['kv_bytes'] / 2**20:.2f} MiB",
+          f(r.get("kv_ratio"), ".3f") + f" ({f(r.get('kv_ratio_analytic'), '.3f')})",
+          f(r["merge_fraction"] * 100 if r["merge_fraction"] is not None else None, ".2f") + "%",
+          f"{r['rss']:.1f}", f"{r['other_cpu']:.2f}"] for r in rows],
         f"{a.reps} timed requests x {a.rounds} rounds per cell after a warm-up; max_tokens=1; "
-        f"2 CPU cores, single-process engine, dummy weights, {dtype}.",
+        f"2 CPU cores, single-process engine, dummy weights, {dtype}. Baseline: stock vLLM up to 30 s; "
+        "above 30 s stock truncates the audio, so the baseline is `windows-only` (no pooling, every "
+        "30 s window encoded). 'of limit' = (speed-up - 1) / (FLOPs limit - 1). 'merge / TTFT': "
+        "similarity + grouping + pooling of both stages, timed alone, over the variant's TTFT. "
+        "'other CPU': CPUs used by other processes while the engine ran (max over rounds).",
         {"runs": runs, "rows": rows, "args": vars(a) | {"out": str(a.out)}},
     )
     try:
@@ -276,20 +408,42 @@ def main(argv: list[str] | None = None) -> int:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install -e '.[bench]')")
+        return
+    for key, ylabel, stem, scale in (("median", "TTFT median (s)", "ttft", 1),
+                                     ("kv_bytes", "KV cache per request (MiB)", "kv", 2**20)):
         fig, ax = plt.subplots(figsize=(6, 4))
         for variant in a.variants:
-            xs = [r["bucket_s"] for r in rows if r["variant"] == variant]
-            ax.plot(xs, [r["median"] for r in rows if r["variant"] == variant], marker="o", label=variant)
+            sel = [r for r in rows if r["variant"] == variant and not r["truncated"]]
+            ax.plot([r["bucket_s"] for r in sel], [r[key] / scale for r in sel], marker="o", label=variant)
         ax.set_xlabel("audio length (s)")
-        ax.set_ylabel("TTFT median (s)")
-        ax.set_title(f"TTFT vs audio length ({a.shape})")
-        ax.legend()
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} vs audio length ({a.shape} shape)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(a.out / f"offline_{a.shape}_ttft.png", dpi=120)
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
-    return 0
+        fig.savefig(a.out / f"offline_{a.shape}_{stem}.png", dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sel = [r for r in rows if r.get("ttft_speedup") and r["variant"] != r["baseline"]]
+    for variant in sorted({r["variant"] for r in sel}):
+        pts = [r for r in sel if r["variant"] == variant]
+        ax.scatter([r["flops_limit_speedup"] for r in pts], [r["ttft_speedup"] for r in pts], label=variant)
+        for r in pts:
+            ax.annotate(f"{r['bucket_s']:g}s", (r["flops_limit_speedup"], r["ttft_speedup"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    if sel:
+        hi = max(max(r["flops_limit_speedup"] for r in sel), max(r["ttft_speedup"] for r in sel)) * 1.05
+        ax.plot([0.9, hi], [0.9, hi], "k--", lw=0.8, label="= FLOPs limit")
+    ax.set_xlabel("analytic FLOPs-limit speed-up")
+    ax.set_ylabel("measured TTFT speed-up")
+    ax.set_title(f"Measured speed-up vs FLOPs limit ({a.shape} shape)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(a.out / f"offline_{a.shape}_speedup.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
