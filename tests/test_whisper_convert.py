@@ -13,13 +13,13 @@ log-mel features (the converted dir's WhisperFeatureExtractor), on espeak-ng spe
 from __future__ import annotations
 
 import copy
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from vllm_affinity.asr import edit_distance, normalise
 from vllm_affinity.checkpoints import ct2_whisper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,30 +47,6 @@ CLIPS = [
     ),
 ]
 SOT, NO_TIMESTAMPS, EOT = 50257, 50362, 50256
-
-
-# --------------------------------------------------------------------------------- helpers
-_NUM = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty"
-).split()
-
-
-def normalise(text: str) -> list[str]:
-    text = text.lower().replace("-", " ")
-    text = re.sub(r"[^a-z0-9' ]", " ", text).replace("'", "")
-    return [_NUM[int(w)] if w.isdigit() and int(w) <= 20 else w for w in text.split()]
-
-
-def edit_distance(a: list[str], b: list[str]) -> int:
-    row = list(range(len(b) + 1))
-    for i in range(1, len(a) + 1):
-        prev, row[0] = row[0], i
-        for j in range(1, len(b) + 1):
-            cur = row[j]
-            row[j] = min(row[j] + 1, row[j - 1] + 1, prev + (a[i - 1] != b[j - 1]))
-            prev = cur
-    return row[-1]
 
 
 # -------------------------------------------------------------------------------- fixtures

@@ -35,13 +35,15 @@ def say(
     speed: int = 160,
     sample_rate: int | None = None,
     fmt: str | None = None,
+    ssml: bool = False,
 ) -> Path:
-    """Synthesize ``text``; optionally resample and convert (wav, flac, mp3 by suffix)."""
+    """Synthesize ``text``; optionally resample and convert (wav, flac, mp3 by suffix).
+    ``ssml``: ``text`` is SSML (e.g. ``<break time="500ms"/>`` for pauses)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     raw = out.with_suffix(".espeak.wav")
     subprocess.run(
-        [_need("espeak-ng"), "-v", voice, "-s", str(speed), "-w", str(raw), text],
+        [_need("espeak-ng"), "-v", voice, "-s", str(speed), *(["-m"] if ssml else []), "-w", str(raw), text],
         check=True,
         capture_output=True,
     )
