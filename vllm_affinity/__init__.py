@@ -14,7 +14,11 @@ MODELS = {
     "Qwen2AudioForConditionalGeneration": (
         "vllm_affinity.models.qwen2_audio:AffinityQwen2AudioForConditionalGeneration"
     ),
+    "WhisperForConditionalGeneration": "vllm_affinity.models.whisper:AffinityWhisperForConditionalGeneration",
 }
+#: architectures with a deep stage: they get its config-time hook (Whisper refuses the
+#: deep stage itself, in its processor and model)
+DEEP_STAGE_MODELS = ("Qwen2AudioForConditionalGeneration",)
 
 
 def register() -> None:
@@ -44,7 +48,7 @@ def register() -> None:
     from .engine.kv import register_kv_spec
 
     register_kv_spec()
-    for arch in MODELS:
+    for arch in DEEP_STAGE_MODELS:
         register_config_hook(arch)
 
     from .patches import apply_all

