@@ -58,10 +58,8 @@ UNIFORM_SPEC = {"input": {"keep_ratio": 0.5, "method": "uniform", "window": 1}}
 # -- fixtures -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def whisper_dir() -> Path:
-    try:
-        from vllm_affinity.checkpoints.ct2_whisper import ensure_checkpoint
-    except ImportError as e:  # pragma: no cover - the converter ships with the package
-        pytest.skip(f"Whisper checkpoint converter unavailable: {e}")
+    from vllm_affinity.checkpoints.ct2_whisper import ensure_checkpoint
+
     return Path(ensure_checkpoint())
 
 
