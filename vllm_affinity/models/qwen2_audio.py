@@ -42,13 +42,13 @@ from vllm.multimodal.parse import AudioProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .. import pooling
+from .common import check_request, pool_to_counts, refuse_additional_config
 from ..encoder import split_windows, window_bounds
 from ..engine.kv import AffinityDeepAttentionSpec
 from ..config import (
     HF_CONFIG_KEY,
     REQUEST_KEEP_RATIO_KEY,
     AffinityConfig,
-    AffinityConfigError,
     load_spec,
     request_keep_ratio,
 )
@@ -142,34 +142,11 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
     def apply(self, inputs, timing_ctx):
         """Validate the request first (HTTP 400 naming the problem), then account."""
         cfg = self.info.affinity
-        kwargs = dict(inputs.hf_processor_mm_kwargs or {})
-        unknown = sorted(set(kwargs) - {REQUEST_KEEP_RATIO_KEY})
-        if unknown:
-            raise ValueError(
-                f"mm_processor_kwargs: unknown key(s) {unknown}; this model accepts only "
-                f"{REQUEST_KEEP_RATIO_KEY!r}"
-            )
-        ratio = request_keep_ratio(cfg, kwargs)
-        audios = self._audio_items(inputs.mm_data_items)
-        for i in range(len(audios) if audios is not None else 0):
-            if audios.get(i) is None:  # referenced by uuid, already cached
-                continue
-            seconds = audios.get_audio_length(i) / ENCODER_SR
-            if audios.get_audio_length(i) == 0:
-                raise ValueError(f"audio item {i} is empty (0 samples)")
-            limit = cfg.audio_seconds_limit
-            if limit is not None and seconds > limit:
-                raise ValueError(
-                    f"audio item {i} is {seconds:.1f} s long, over this server's "
-                    f"max_audio_seconds={limit:g}"
-                )
-            if seconds > ENCODER_WINDOW_S and cfg.long_audio == "truncate":
-                logger.warning(
-                    "vllm-affinity: audio item %d is %.1f s; Qwen2-Audio's encoder sees the first "
-                    "%d s, the rest is dropped (set long_audio: windows to encode all of it, or "
-                    "max_audio_seconds to reject such audio)",
-                    i, seconds, ENCODER_WINDOW_S,
-                )
+        ratio, audios = check_request(
+            cfg, inputs, model="Qwen2-Audio", window_s=ENCODER_WINDOW_S, limit_s=cfg.audio_seconds_limit,
+            truncates=cfg.long_audio == "truncate",
+            hint="set long_audio: windows to encode all of it, or max_audio_seconds to reject such audio",
+        )
         out = super().apply(inputs, timing_ctx)
         if audios is not None:
             self._account(out, ratio, audios)
@@ -403,13 +380,7 @@ class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGenerat
     """Stock Qwen2-Audio whose audio embeddings are pooled to the processor's count."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        extra = vllm_config.additional_config or {}
-        if isinstance(extra, dict) and HF_CONFIG_KEY in extra:
-            raise AffinityConfigError(
-                "additional_config.affinity is not read: in vLLM 0.32 the multimodal processor, "
-                "which fixes each audio's token count, cannot see --additional-config. Pass "
-                "--hf-overrides '{\"affinity\": SPEC}' (or `vllm-affinity serve --affinity SPEC`)."
-            )
+        refuse_additional_config(vllm_config)
         self.affinity = server_config(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.affinity_step = None  # set by the runner for each forward pass
@@ -467,15 +438,4 @@ class AffinityQwen2AudioForConditionalGeneration(Qwen2AudioForConditionalGenerat
             embeds = tuple(torch.cat([next(it) for _ in range(c)]) for c in counts)
         if kept is None:
             return embeds
-        kept = [int(x) for x in (kept.tolist() if isinstance(kept, torch.Tensor) else kept)]
-        if len(kept) != len(embeds):
-            raise RuntimeError(f"vllm-affinity: {len(kept)} kept counts for {len(embeds)} audios")
-        stage = self.affinity.input
-        method = stage.method if stage is not None else "affinity"
-        window = stage.window if stage is not None else 1
-        out = []
-        for e, k in zip(embeds, kept):
-            sizes = pooling.group_sizes(e, k, method, window)
-            trace_merge("input", sizes)
-            out.append(pooling.merge(e, sizes))
-        return tuple(out)
+        return pool_to_counts(embeds, kept, self.affinity, trace_merge)

@@ -46,10 +46,11 @@ from vllm.model_executor.models.whisper import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import AudioProcessorItems, MultiModalDataItems, MultiModalDataParser
+from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .. import pooling
+from .common import check_request, pool_to_counts, refuse_additional_config
 from ..config import (
     HF_CONFIG_KEY,
     REQUEST_KEEP_RATIO_KEY,
@@ -133,36 +134,10 @@ class AffinityWhisperMultiModalProcessor(WhisperMultiModalProcessor):
     def apply(self, inputs, timing_ctx):
         """Validate the request first (HTTP 400 naming the problem)."""
         cfg = self.info.affinity
-        kwargs = dict(inputs.hf_processor_mm_kwargs or {})
-        unknown = sorted(set(kwargs) - {REQUEST_KEEP_RATIO_KEY})
-        if unknown:
-            raise ValueError(
-                f"mm_processor_kwargs: unknown key(s) {unknown}; this model accepts only "
-                f"{REQUEST_KEEP_RATIO_KEY!r}"
-            )
-        request_keep_ratio(cfg, kwargs)  # raises naming the field
-        items = inputs.mm_data_items
-        audios = items["audio"] if "audio" in items else None
-        if isinstance(audios, AudioProcessorItems):
-            sr = self.info.get_feature_extractor().sampling_rate
-            for i in range(len(audios)):
-                if audios.get(i) is None:  # referenced by uuid, already cached
-                    continue
-                n = audios.get_audio_length(i)
-                if n == 0:
-                    raise ValueError(f"audio item {i} is empty (0 samples)")
-                seconds = n / sr
-                if cfg.max_audio_seconds is not None and seconds > cfg.max_audio_seconds:
-                    raise ValueError(
-                        f"audio item {i} is {seconds:.1f} s long, over this server's "
-                        f"max_audio_seconds={cfg.max_audio_seconds:g}"
-                    )
-                if seconds > WINDOW_S:
-                    logger.warning(
-                        "vllm-affinity: audio item %d is %.1f s; Whisper's encoder sees the first "
-                        "%d s, the rest is dropped (the transcription API splits long audio; set "
-                        "max_audio_seconds to reject such audio)", i, seconds, WINDOW_S,
-                    )
+        check_request(
+            cfg, inputs, model="Whisper", window_s=WINDOW_S, limit_s=cfg.max_audio_seconds, truncates=True,
+            hint="the transcription API splits long audio; set max_audio_seconds to reject such audio",
+        )
         return super().apply(inputs, timing_ctx)
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
@@ -218,13 +193,7 @@ class AffinityWhisperForConditionalGeneration(WhisperForConditionalGeneration):
     """Stock Whisper whose encoder output is pooled to the processor's count."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        extra = vllm_config.additional_config or {}
-        if isinstance(extra, dict) and HF_CONFIG_KEY in extra:
-            raise AffinityConfigError(
-                "additional_config.affinity is not read: in vLLM 0.32 the multimodal processor, "
-                "which fixes each audio's token count, cannot see --additional-config. Pass "
-                "--hf-overrides '{\"affinity\": SPEC}' (or `vllm-affinity serve --affinity SPEC`)."
-            )
+        refuse_additional_config(vllm_config)
         hf_config = vllm_config.model_config.hf_config
         self.affinity = whisper_config(hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -247,14 +216,4 @@ class AffinityWhisperForConditionalGeneration(WhisperForConditionalGeneration):
         embeds = super().embed_multimodal(**kwargs)
         if kept is None:
             return embeds
-        kept = [int(x) for x in (kept.tolist() if isinstance(kept, torch.Tensor) else kept)]
-        if len(kept) != len(embeds):
-            raise RuntimeError(f"vllm-affinity: {len(kept)} kept counts for {len(embeds)} audios")
-        stage = self.affinity.input
-        method = stage.method if stage is not None else "affinity"
-        window = stage.window if stage is not None else 1
-        out = []
-        for e, k in zip(embeds, kept):
-            sizes = pooling.group_sizes(e, k, method, window)
-            out.append(pooling.merge(e, sizes))
-        return tuple(out)
+        return pool_to_counts(embeds, kept, self.affinity)
