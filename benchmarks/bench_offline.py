@@ -228,23 +228,15 @@ def load_cfg(spec):
     return load_spec(spec if spec is not None else "off")
 
 
-def mel_frames(cfg, secs: float) -> list[int]:
-    """Real mel frames of each 30 s window the variant encodes (stock: the first 30 s)."""
-    from vllm_affinity.encoder import window_bounds
-
-    samples = int(round(secs * 16000))
-    bounds = window_bounds(samples, 480000) if cfg.long_audio == "windows" else [(0, min(samples, 480000))]
-    return [min(3000, -(-(b - a) // 160)) for a, b in bounds]
-
 def audio_stages(spec, secs: float, num_layers: int) -> tuple[int, int, int, int | None, list[int]]:
     """(tokens in, after the input stage, after the deep stage, deep layer, encoder
     positions per window) for one audio of ``secs`` seconds."""
     from vllm_affinity.pooling import num_kept
 
-    from vllm_affinity.encoder import MARGIN, encoder_output_lengths
+    from vllm_affinity.encoder import MARGIN, encoder_output_lengths, window_mel_frames
 
     cfg = load_cfg(spec)
-    frames = mel_frames(cfg, secs)
+    frames = window_mel_frames(int(round(secs * 16000)), windows=cfg.long_audio == "windows")
     n = sum(encoder_output_lengths(f)[1] for f in frames)
     # encoder positions (after conv2): the whole 30 s window (1500), or with
     # encoder_real_length the real frames + margin (as vllm_affinity.encoder encodes them)

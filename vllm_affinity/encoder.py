@@ -75,6 +75,15 @@ def window_bounds(num_samples: int, window_samples: int) -> list[tuple[int, int]
     return bounds
 
 
+def window_mel_frames(num_samples: int, *, windows: bool, window_samples: int = 480000,
+                      hop: int = 160) -> list[int]:
+    """Real mel frames of each encoder window of an audio: ceil(samples / hop) per window
+    (the feature extractor's attention mask). Without ``windows`` only the first window
+    is encoded (stock Qwen2-Audio truncates to 30 s)."""
+    bounds = window_bounds(num_samples, window_samples) if windows else [(0, min(num_samples, window_samples))]
+    return [-(-(b - a) // hop) for a, b in bounds]
+
+
 def split_windows(wave, window_samples: int) -> list:
     """The audio's encoder windows (views of ``wave``, a 1-D array or tensor)."""
     return [wave[a:b] for a, b in window_bounds(len(wave), window_samples)]

@@ -43,9 +43,10 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from .. import pooling
 from .common import check_request, pool_to_counts, refuse_additional_config
-from ..encoder import split_windows, window_bounds
+from ..encoder import split_windows, window_mel_frames
 from ..engine.kv import AffinityDeepAttentionSpec
 from ..config import (
+    ENCODER_WINDOW_SECONDS,
     HF_CONFIG_KEY,
     REQUEST_KEEP_RATIO_KEY,
     AffinityConfig,
@@ -59,8 +60,6 @@ logger = logging.getLogger("vllm.affinity")
 NUM_KEPT_FIELD = "affinity_num_kept"
 #: per audio, how many rows of input_features (30 s encoder windows) it spans
 NUM_WINDOWS_FIELD = "affinity_num_windows"
-ENCODER_SR = 16000
-ENCODER_WINDOW_S = 30
 STATS_INTERVAL_S = 10.0
 
 
@@ -143,7 +142,7 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
         """Validate the request first (HTTP 400 naming the problem), then account."""
         cfg = self.info.affinity
         ratio, audios = check_request(
-            cfg, inputs, model="Qwen2-Audio", window_s=ENCODER_WINDOW_S, limit_s=cfg.audio_seconds_limit,
+            cfg, inputs, model="Qwen2-Audio", window_s=ENCODER_WINDOW_SECONDS, limit_s=cfg.audio_seconds_limit,
             truncates=cfg.long_audio == "truncate",
             hint="set long_audio: windows to encode all of it, or max_audio_seconds to reject such audio",
         )
@@ -165,11 +164,9 @@ class AffinityQwen2AudioMultiModalProcessor(Qwen2AudioMultiModalProcessor):
         then the encoder's two stride-2 stages. Stock Qwen2-Audio has one window (the
         first 30 s). Computed from the waveform, so processor-cache hits count too."""
         fe = self.info.get_feature_extractor()
-        if self.info.affinity.long_audio == "windows":
-            lengths = [b - a for a, b in window_bounds(num_samples, fe.n_samples)]
-        else:
-            lengths = [min(num_samples, fe.n_samples)]
-        frames = torch.tensor([-(-x // fe.hop_length) for x in lengths])
+        frames = torch.tensor(window_mel_frames(
+            num_samples, windows=self.info.affinity.long_audio == "windows",
+            window_samples=fe.n_samples, hop=fe.hop_length))
         return int(_get_feat_extract_output_lengths(frames)[1].sum())
 
     def _account(self, out, ratio: float, audios: AudioProcessorItems) -> None:
