@@ -8,7 +8,7 @@ setup:
 	bash scripts/setup_env.sh
 
 demo: setup
-	$(PY) -m vllm_affinity.demo
+	$(PY) -m vllm_affinity_tools.demo
 
 test: setup
 	$(PY) -m pytest tests
@@ -18,7 +18,7 @@ test-fast: setup
 	$(PY) -m pytest tests -m "not engine and not server"
 
 tiny: setup
-	$(PY) -m vllm_affinity.tiny .cache/tiny-qwen2-audio
+	$(PY) -m vllm_affinity_tools.tiny .cache/tiny-qwen2-audio
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis

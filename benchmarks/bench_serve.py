@@ -45,7 +45,7 @@ def run_variant(variant: str, model: Path, clip: Path, a, dtype: str) -> dict:
     import openai
     import soundfile as sf
 
-    from vllm_affinity.serving import ServerProcess
+    from vllm_affinity_tools.serving import ServerProcess
 
     args = ["--dtype", dtype, "--max-model-len", "2048", "--enforce-eager", "--load-format", "dummy",
             "--kv-cache-memory-bytes", str(int(a.kv_mib * 2**20)), "--block-size", "32",

@@ -69,7 +69,7 @@ class Summary:
 
 def make_clips(out_dir: Path) -> dict[float, Path]:
     sys.path.insert(0, str(ROOT))
-    from vllm_affinity import speech
+    from vllm_affinity_tools import speech
 
     clips = {}
     for i, s in enumerate(DURATIONS):
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load_test.json")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from vllm_affinity.demo import CPU_ARGS, ensure_tiny_model
-    from vllm_affinity.serving import ServerProcess
+    from vllm_affinity_tools.demo import CPU_ARGS, ensure_tiny_model
+    from vllm_affinity_tools.serving import ServerProcess
 
     cache = ROOT / ".cache" / "load"
     cache.mkdir(parents=True, exist_ok=True)

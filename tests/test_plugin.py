@@ -30,7 +30,7 @@ def test_register_is_idempotent_and_lazy():
     vllm_affinity.register()
     assert ModelRegistry.models["Qwen2AudioForConditionalGeneration"] is first
     assert (first.module_name, first.class_name) == (
-        "vllm_affinity.models.qwen2_audio", "AffinityQwen2AudioForConditionalGeneration")
+        "vllm_affinity.adapters.qwen2_audio", "AffinityQwen2AudioForConditionalGeneration")
 
 
 def _job(tiny_model, clips, hf_overrides, ratios=(None,), clip_ids=(0, 2)):
@@ -117,7 +117,7 @@ def test_additional_config_is_refused_with_a_pointer(tiny_model, clips, tmp_path
 def test_periodic_info_line_counts_tokens(monkeypatch):
     import logging
 
-    from vllm_affinity.models import qwen2_audio as m
+    from vllm_affinity.adapters import qwen2_audio as m
 
     records: list[str] = []
 

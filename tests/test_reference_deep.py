@@ -37,7 +37,7 @@ def deep_ref(reference):
 def audios(tmp_path_factory):
     import soundfile as sf
 
-    from vllm_affinity import speech
+    from vllm_affinity_tools import speech
 
     d = tmp_path_factory.mktemp("deep-clips")
     out = []

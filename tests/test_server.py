@@ -10,9 +10,9 @@ import openai
 import pytest
 
 from vllm_affinity import pooling as P
-from vllm_affinity import speech
-from vllm_affinity.demo import CPU_ARGS
-from vllm_affinity.serving import ServerProcess
+from vllm_affinity_tools import speech
+from vllm_affinity_tools.demo import CPU_ARGS
+from vllm_affinity_tools.serving import ServerProcess
 
 from .conftest import CACHE, load_audio
 

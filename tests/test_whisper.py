@@ -58,14 +58,14 @@ UNIFORM_SPEC = {"input": {"keep_ratio": 0.5, "method": "uniform", "window": 1}}
 # -- fixtures -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def whisper_dir() -> Path:
-    from vllm_affinity.checkpoints.ct2_whisper import ensure_checkpoint
+    from vllm_affinity_tools.checkpoints.ct2_whisper import ensure_checkpoint
 
     return Path(ensure_checkpoint())
 
 
 @pytest.fixture(scope="module")
 def reference(whisper_dir):
-    from vllm_affinity.reference.whisper import ReferenceWhisper
+    from vllm_affinity_tools.reference.whisper import ReferenceWhisper
 
     return ReferenceWhisper(str(whisper_dir))
 
@@ -285,7 +285,7 @@ WRONG = {
 # -- tests ----------------------------------------------------------------------------------
 def test_deep_stage_refused_for_whisper():
     from vllm_affinity.config import AffinityConfigError
-    from vllm_affinity.models.whisper import whisper_config
+    from vllm_affinity.adapters.whisper import whisper_config
 
     for spec in ("paper-aggressive", {"deep": {"merge_layer": 1, "keep_ratio": 0.5}}):
         with pytest.raises(AffinityConfigError, match=r"hf_overrides\.affinity\.deep is not supported for Whisper"):
@@ -306,7 +306,7 @@ def test_registered_for_whisper():
     vllm_affinity.register()
     m = ModelRegistry.models["WhisperForConditionalGeneration"]
     assert (m.module_name, m.class_name) == (
-        "vllm_affinity.models.whisper", "AffinityWhisperForConditionalGeneration")
+        "vllm_affinity.adapters.whisper", "AffinityWhisperForConditionalGeneration")
 
 
 def test_disabled_plugin_is_stock(stock):
@@ -402,7 +402,7 @@ def test_bad_keep_ratio_is_a_value_error_naming_the_field(affinity_run):
 
 # -- reference-only modes (used by the accuracy benchmark) ----------------------------------
 def test_reference_threshold_mode(reference, frames):
-    from vllm_affinity.reference.whisper import transcribe
+    from vllm_affinity_tools.reference.whisper import transcribe
 
     x = frames[1]
     ids, text, kept = transcribe(reference.model, reference.processor, x, tau=0.9, window=1, max_new_tokens=8)
@@ -426,7 +426,7 @@ def test_proportional_attention_equals_repeated_frames(reference, frames):
 def test_reference_batch_equals_single(reference, frames):
     """Batched decoding (threshold mode: ragged, padded and masked; proportional bias)
     gives the one-at-a-time tokens."""
-    from vllm_affinity.reference.whisper import transcribe, transcribe_batch
+    from vllm_affinity_tools.reference.whisper import transcribe, transcribe_batch
 
     states = torch.stack([frames[0], frames[2]])
     batch = transcribe_batch(reference.model, reference.processor, states, tau=0.9, proportional=True,

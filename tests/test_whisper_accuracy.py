@@ -1,5 +1,5 @@
 """CI-sized accuracy check on real weights (Whisper tiny.en): a handful of the accuracy
-benchmark's clips (``vllm_affinity.asr.corpus``), full transcripts (up to 128 tokens).
+benchmark's clips (``vllm_affinity_tools.asr.corpus``), full transcripts (up to 128 tokens).
 
 * keep ratio 1.0 through the plugin (input stage ON at 1.0) gives exactly stock vLLM's
   transcripts (token ids), and those equal the transformers reference's;
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_affinity import asr
+from vllm_affinity_tools import asr
 
 from .conftest import CACHE
 from .test_whisper import run_job
@@ -41,7 +41,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def whisper_dir() -> Path:
-    from vllm_affinity.checkpoints.ct2_whisper import ensure_checkpoint
+    from vllm_affinity_tools.checkpoints.ct2_whisper import ensure_checkpoint
 
     return Path(ensure_checkpoint())
 
@@ -80,7 +80,7 @@ def test_keep_ratio_one_reproduces_stock_transcripts(runs):
 
 
 def test_stock_vllm_equals_the_transformers_reference(runs, whisper_dir, corpus):
-    from vllm_affinity.reference.whisper import ReferenceWhisper
+    from vllm_affinity_tools.reference.whisper import ReferenceWhisper
 
     ref = ReferenceWhisper(str(whisper_dir))
     import soundfile as sf

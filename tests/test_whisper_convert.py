@@ -1,4 +1,4 @@
-"""Whisper tiny.en converted from CTranslate2 (vllm_affinity.checkpoints.ct2_whisper) equals
+"""Whisper tiny.en converted from CTranslate2 (vllm_affinity_tools.checkpoints.ct2_whisper) equals
 CTranslate2's own runtime on the same weights.
 
 Both sides run float32 from the same float16 values (exactly up-cast), on the same
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllm_affinity.asr import edit_distance, normalise
-from vllm_affinity.checkpoints import ct2_whisper
+from vllm_affinity_tools.asr import edit_distance, normalise
+from vllm_affinity_tools.checkpoints import ct2_whisper
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_DIR = ROOT / ".cache" / "clips"
@@ -90,7 +90,7 @@ def clip_features(whisper_dir) -> list[np.ndarray]:
     import soundfile as sf
     from transformers import WhisperFeatureExtractor
 
-    from vllm_affinity import speech
+    from vllm_affinity_tools import speech
 
     fe = WhisperFeatureExtractor.from_pretrained(whisper_dir)
     feats = []

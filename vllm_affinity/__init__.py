@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 #: architectures we replace, and the "module:Class" that replaces each
 MODELS = {
     "Qwen2AudioForConditionalGeneration": (
-        "vllm_affinity.models.qwen2_audio:AffinityQwen2AudioForConditionalGeneration"
+        "vllm_affinity.adapters.qwen2_audio:AffinityQwen2AudioForConditionalGeneration"
     ),
-    "WhisperForConditionalGeneration": "vllm_affinity.models.whisper:AffinityWhisperForConditionalGeneration",
+    "WhisperForConditionalGeneration": "vllm_affinity.adapters.whisper:AffinityWhisperForConditionalGeneration",
 }
 #: architectures with a deep stage: they get its config-time hook (Whisper refuses the
 #: deep stage itself, in its processor and model)

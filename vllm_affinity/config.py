@@ -236,6 +236,12 @@ def _load_named(spec: str, where: str) -> AffinityConfig:
     return load_spec(data, where=f"{where}[{path.name}]")
 
 
+def server_config(hf_config: Any) -> AffinityConfig:
+    """The server SPEC carried on the HF config by ``--hf-overrides '{"affinity": SPEC}'``
+    (the one channel both the API server's processor and the workers read)."""
+    return load_spec(getattr(hf_config, HF_CONFIG_KEY, None), where=f"hf_overrides.{HF_CONFIG_KEY}")
+
+
 def request_keep_ratio(cfg: AffinityConfig, mm_kwargs: dict[str, Any] | None) -> float:
     """Effective input keep ratio for one request (1.0 = input stage off).
 

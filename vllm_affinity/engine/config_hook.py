@@ -33,7 +33,7 @@ GPU_WORKER_CLS = "vllm_affinity.engine.gpu_worker.AffinityGPUWorker"
 class AffinityConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        from ..models.qwen2_audio import server_config
+        from ..config import server_config
 
         cfg = server_config(vllm_config.model_config.hf_config)
         # The multimodal processor (which counts KV blocks saved for /metrics) sees only

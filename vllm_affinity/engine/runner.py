@@ -58,7 +58,7 @@ class AffinityRunnerMixin:
     def _affinity_deep(self):
         cfg = getattr(self, "_affinity_cfg", None)
         if cfg is None:
-            from ..models.qwen2_audio import server_config
+            from ..config import server_config
 
             cfg = self._affinity_cfg = server_config(self.vllm_config.model_config.hf_config)
         return cfg.deep

@@ -15,7 +15,7 @@ logger = logging.getLogger("vllm.affinity")
 class AffinityScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        from ..models.qwen2_audio import server_config
+        from ..config import server_config
 
         deep = server_config(vllm_config.model_config.hf_config).deep
         self._affinity_keep_ratio = deep.keep_ratio if deep is not None else None

@@ -1,7 +1,7 @@
 """The main job on an embedded default: serve a model with the plugin and answer an
 audio chat request, showing the audio tokens saved.
 
-    python -m vllm_affinity.demo [--model DIR] [--affinity SPEC] [--seconds S] [--audio FILE]
+    python -m vllm_affinity_tools.demo [--model DIR] [--affinity SPEC] [--seconds S] [--audio FILE]
 
 Default: the tiny random-weight Qwen2-Audio (built on first use into
 .cache/tiny-qwen2-audio), 20 s of espeak-ng speech, preset paper-aggressive, the
@@ -50,7 +50,7 @@ def audio_token_count(model_dir: Path, audio_path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vllm_affinity.demo")
+    p = argparse.ArgumentParser(prog="python -m vllm_affinity_tools.demo")
     p.add_argument("--model", type=Path, default=None, help="model dir (default: tiny test model)")
     p.add_argument("--affinity", default="paper-aggressive", help="SPEC: preset, YAML path or JSON")
     p.add_argument("--seconds", type=float, default=20.0)
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         pooled = ask(None)  # the server's SPEC
     text_tokens = full.usage.prompt_tokens - n_audio
     kept = pooled.usage.prompt_tokens - text_tokens
-    from .config import load_spec
-    from .pooling import num_kept
+    from vllm_affinity.config import load_spec
+    from vllm_affinity.pooling import num_kept
 
     deep = load_spec(json.loads(a.affinity) if a.affinity.lstrip().startswith("{") else a.affinity).deep
     print()

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .. import pooling
+from vllm_affinity import pooling
 
 TARGET_SR = 16000
 
@@ -82,7 +82,7 @@ class ReferenceQwen2Audio:
         audio of its own and concatenate the windows' outputs; "truncate" keeps 30 s."""
         waves = [to_16k_mono(a, sr) for a, sr in audios]
         if long_audio == "windows":
-            from ..encoder import split_windows
+            from vllm_affinity.encoder import split_windows
 
             n_samples = self.processor.feature_extractor.n_samples
             windows = [split_windows(w, n_samples) for w in waves]
@@ -106,7 +106,7 @@ class ReferenceQwen2Audio:
         fmask = fe["attention_mask"]
         tower = self.model.model.audio_tower
         if encoder_real_length:
-            from ..encoder import encode_real_length
+            from vllm_affinity.encoder import encode_real_length
 
             proj = self.model.model.multi_modal_projector
             return [proj(encode_real_length(tower, f, int(m.sum()))) for f, m in zip(feats, fmask)]

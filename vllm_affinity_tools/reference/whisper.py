@@ -1,6 +1,6 @@
 """Affinity Pooling on transformers' ``WhisperForConditionalGeneration`` (no vLLM).
 
-The ground truth for the vLLM Whisper path (:mod:`vllm_affinity.models.whisper`) and
+The ground truth for the vLLM Whisper path (:mod:`vllm_affinity.adapters.whisper`) and
 the place for variants vLLM cannot run. Same weights, same pooling functions
 (:mod:`vllm_affinity.pooling`):
 
@@ -22,7 +22,7 @@ Encoding dominates nothing here but is still done once per clip: :meth:`encode` 
 :func:`encode` return the frames, and every decode entry point accepts them instead of
 audio, so an accuracy sweep encodes each clip once and decodes it many times.
 
-    from vllm_affinity.reference.whisper import load, transcribe, encode, transcribe_batch
+    from vllm_affinity_tools.reference.whisper import load, transcribe, encode, transcribe_batch
     model, processor = load(".cache/whisper-tiny.en-hf")
     ids, text, kept = transcribe(model, processor, (wave, sr), keep_ratio=0.5)
     states = encode(model, processor, [(w, sr) for w, sr in clips])      # (B, 1500, d)
@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .. import pooling
+from vllm_affinity import pooling
 from .qwen2_audio import TARGET_SR, to_16k_mono
 
 DEFAULT_PROMPT = "<|startoftranscript|><|notimestamps|>"

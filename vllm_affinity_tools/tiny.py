@@ -1,6 +1,6 @@
 """Build a tiny random-weight Qwen2-Audio checkpoint, fully offline.
 
-    python -m vllm_affinity.tiny OUT_DIR [--layers N] [--hidden H] [--heads A]
+    python -m vllm_affinity_tools.tiny OUT_DIR [--layers N] [--hidden H] [--heads A]
                                          [--kv-heads K] [--seed S] [--sharpen F]
 
 The checkpoint loads in both Hugging Face transformers and vLLM:
@@ -182,7 +182,7 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vllm_affinity.tiny", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vllm_affinity_tools.tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
