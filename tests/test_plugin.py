@@ -117,7 +117,7 @@ def test_additional_config_is_refused_with_a_pointer(tiny_model, clips, tmp_path
 def test_periodic_info_line_counts_tokens(monkeypatch):
     import logging
 
-    from vllm_affinity.adapters import qwen2_audio as m
+    from vllm_affinity.adapters import base as m
 
     records: list[str] = []
 
@@ -131,7 +131,7 @@ def test_periodic_info_line_counts_tokens(monkeypatch):
     log.setLevel(logging.INFO)
     try:
         monkeypatch.setattr(m, "STATS_INTERVAL_S", 3600.0)
-        stats = m._TokenStats()
+        stats = m.TokenStats()
         stats.add([750], [558])
         assert records == []  # not before the interval
         monkeypatch.setattr(m, "STATS_INTERVAL_S", 0.0)

@@ -9,20 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-#: architectures we replace, and the "module:Class" that replaces each
-MODELS = {
-    "Qwen2AudioForConditionalGeneration": (
-        "vllm_affinity.adapters.qwen2_audio:AffinityQwen2AudioForConditionalGeneration"
-    ),
-    "WhisperForConditionalGeneration": "vllm_affinity.adapters.whisper:AffinityWhisperForConditionalGeneration",
-}
-#: architectures with a deep stage: they get its config-time hook (Whisper refuses the
-#: deep stage itself, in its processor and model)
-DEEP_STAGE_MODELS = ("Qwen2AudioForConditionalGeneration",)
-
 
 def register() -> None:
-    """Register the affinity model classes with vLLM (idempotent, lazy).
+    """Register the adapters with vLLM (idempotent, lazy).
 
     Errors propagate: a plugin that fails to register must fail loudly, not leave
     the server running stock models while the user believes pooling is on.
@@ -31,24 +20,28 @@ def register() -> None:
 
     from vllm import ModelRegistry
 
+    from . import compat
+    from .architectures import ARCHITECTURES
+
+    compat.check()  # every private vLLM seam, named if missing
     logger = logging.getLogger("vllm_affinity")
-    for arch, target in MODELS.items():
-        module_name, class_name = target.split(":")
+    for arch, facts in ARCHITECTURES.items():
+        module_name, class_name = facts.adapter.split(":")
         current = ModelRegistry.models.get(arch)
-        if (getattr(current, "module_name", None), getattr(current, "class_name", None)) == (
+        if (getattr(current, "module_name", None), getattr(current, "class_name", None)) != (
             module_name,
             class_name,
         ):
-            continue
-        ModelRegistry.register_model(arch, target)
-        logger.debug("vllm-affinity: %s -> %s", arch, target)
+            ModelRegistry.register_model(arch, facts.adapter)
+            logger.debug("vllm-affinity: %s -> %s", arch, facts.adapter)
 
-    # deep stage: its KV-cache spec/manager and the config hook that enables it
+    # deep stage: its KV-cache spec/manager; every architecture: the config hook (it
+    # hands the processor the block size and, with a deep stage, turns it on)
     from .engine.config_hook import register_config_hook
     from .engine.kv import register_kv_spec
 
     register_kv_spec()
-    for arch in DEEP_STAGE_MODELS:
+    for arch in ARCHITECTURES:
         register_config_hook(arch)
 
     from .patches import apply_all
@@ -56,4 +49,4 @@ def register() -> None:
     apply_all()
 
 
-__all__ = ["register", "MODELS", "__version__"]
+__all__ = ["register", "__version__"]

@@ -139,6 +139,15 @@ class AffinityConfig(_Strict):
         return DEFAULT_MAX_WINDOWED_SECONDS if self.long_audio == "windows" else None
 
     @property
+    def native_audio_seconds_limit(self) -> float | None:
+        """Longest audio accepted by an architecture whose processor windows long audio
+        itself: ``max_audio_seconds``; unset, the stock processor's own limit, except with
+        a deep stage, where one audio must fit one prefill step (then 120 s)."""
+        if self.max_audio_seconds is not None:
+            return self.max_audio_seconds
+        return DEFAULT_MAX_WINDOWED_SECONDS if self.deep is not None else None
+
+    @property
     def max_windows(self) -> int:
         """Encoder windows one audio may need (1 unless ``long_audio: windows``)."""
         if self.long_audio != "windows":

@@ -14,13 +14,19 @@ decided later, on the hidden states; HOW MANY is known here. From that:
 
 Spans must be processed whole (vLLM's ``disable_chunked_mm_input``); a token count
 that ends inside a span counts that span as not yet merged (only used as an upper
-bound by the scheduler). Pure Python, no vLLM or torch import.
+bound by the scheduler). :meth:`DeepPlan.rows` gives the rows one step computes in
+the layers above the merge (the runner calls it; the tests test it). Pure Python and
+numpy, no vLLM or torch import.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from .pooling import num_kept
 
@@ -38,6 +44,19 @@ class Span:
     @property
     def removed(self) -> int:
         return self.length - self.kept
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """The rows of one request's scheduled range [start, end) above the merge layer."""
+
+    slot_index: np.ndarray  # (rows,) int64: compacted KV index of each row, ascending
+    spans: list[Span]  # the audio spans merged in this range (each whole)
+    seq_len: int  # the deep layers' sequence length once the range is computed
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.slot_index.size)
 
 
 class DeepPlan:
@@ -58,6 +77,28 @@ class DeepPlan:
     @classmethod
     def from_ranges(cls, ranges: list[tuple[int, int]], keep_ratio: float) -> "DeepPlan":
         return cls([Span(o, n, num_kept(n, keep_ratio)) for o, n in ranges if n > 0])
+
+    @classmethod
+    def from_features(cls, mm_features: Iterable[Any] | None, keep_ratio: float) -> "DeepPlan":
+        """Plan of a request from its multimodal features (vLLM's ``MultiModalFeatureSpec``:
+        ``modality`` and ``mm_position.offset/length``), as the scheduler's Request and the
+        worker's cached request state both carry them."""
+        ranges = [(f.mm_position.offset, f.mm_position.length) for f in (mm_features or []) if f.modality == "audio"]
+        return cls.from_ranges(ranges, keep_ratio) if ranges else EMPTY_PLAN
+
+    def rows(self, start: int, end: int) -> StepRows:
+        """Rows of the range [start, end) in the layers above the merge: text tokens keep
+        their place (index = position minus the tokens merged away before it); a span
+        inside the range becomes its K rows at the span's compacted start."""
+        pieces, cursor = [], start
+        spans = self.spans_in(start, end)
+        for s in spans:
+            pieces.append(np.arange(cursor, s.offset) - self.removed_before(cursor))
+            c0 = self.span_compact_start(s)
+            pieces.append(np.arange(c0, c0 + s.kept))
+            cursor = s.end
+        pieces.append(np.arange(cursor, end) - self.removed_before(cursor))
+        return StepRows(np.concatenate(pieces).astype(np.int64), spans, self.compacted(end))
 
     @property
     def total_removed(self) -> int:

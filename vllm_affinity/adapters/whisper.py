@@ -29,15 +29,14 @@ with ``max_audio_seconds``.
 
 The SPEC travels in the HF config (``--hf-overrides '{"affinity": SPEC}'``), as for
 Qwen2-Audio. With no input stage and no per-request override, everything is stock.
+Differs from the base: a constant stock count (1500 frames), the placeholder token (0,
+the dummy encoder prompt), cross-attention KV accounting, and its start-up log line.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
 
-import torch
 from vllm.model_executor.models.whisper import (
     WhisperDummyInputsBuilder,
     WhisperForConditionalGeneration,
@@ -45,41 +44,14 @@ from vllm.model_executor.models.whisper import (
     WhisperProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from .. import pooling
-from .common import check_request, pool_to_counts, refuse_additional_config
-from ..config import (
-    HF_CONFIG_KEY,
-    REQUEST_KEEP_RATIO_KEY,
-    AffinityConfig,
-    AffinityConfigError,
-    load_spec,
-    request_keep_ratio,
-)
+from .. import accounting, pooling
+from ..config import REQUEST_KEEP_RATIO_KEY, AffinityConfig
+from .base import AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin
 
-# A child of vLLM's logger, so lines use vLLM's handler, format and VLLM_LOGGING_LEVEL.
 logger = logging.getLogger("vllm.affinity")
 
-NUM_KEPT_FIELD = "affinity_num_kept"
-WINDOW_S = 30
-
-
-def whisper_config(hf_config: Any) -> AffinityConfig:
-    """The server SPEC (``hf_overrides.affinity``), validated for Whisper."""
-    where = f"hf_overrides.{HF_CONFIG_KEY}"
-    cfg = load_spec(getattr(hf_config, HF_CONFIG_KEY, None), where=where)
-    if cfg.deep is not None:
-        raise AffinityConfigError(
-            f"invalid vllm-affinity config: {where}.deep is not supported for Whisper: the deep "
-            "stage merges audio positions inside a decoder-only speech LM's sequence, and "
-            "Whisper's decoder has none (it reads the audio through cross-attention). Use the "
-            "input stage alone, which merges the encoder output before cross-attention, e.g. "
-            "the preset 'input-only' or {\"input\": {\"keep_ratio\": 0.74}}"
-        )
-    return cfg
+ARCH = "WhisperForConditionalGeneration"
 
 
 def describe(cfg: AffinityConfig, frames: int) -> str:
@@ -101,26 +73,8 @@ def describe(cfg: AffinityConfig, frames: int) -> str:
     return what
 
 
-class AffinityWhisperProcessingInfo(WhisperProcessingInfo):
-    def __init__(self, ctx) -> None:
-        super().__init__(ctx)
-        # validated once per engine; a bad SPEC fails here, at start-up
-        self.affinity = whisper_config(self.get_hf_config())
-
-    def get_hf_processor(self, **kwargs: object):
-        # our key is not an HF processor argument
-        kwargs.pop(REQUEST_KEEP_RATIO_KEY, None)
-        return super().get_hf_processor(**kwargs)
-
-    def get_data_parser(self):
-        # torchaudio (vLLM's default resampler) is absent from CPU installs: use soxr
-        fe = self.get_feature_extractor()
-        return MultiModalDataParser(
-            target_sr=fe.sampling_rate,
-            target_channels=self.get_target_channels(),
-            audio_resample_method="soxr",
-            expected_hidden_size=self._get_expected_hidden_size(),
-        )
+class AffinityWhisperProcessingInfo(AffinityInfoMixin, WhisperProcessingInfo):
+    ARCH = ARCH
 
     def get_mm_max_tokens_per_item(self, seq_len, mm_counts=None):
         # The stock bound (all 1500 frames), whatever the server ratio: a request may ask
@@ -128,60 +82,21 @@ class AffinityWhisperProcessingInfo(WhisperProcessingInfo):
         return {"audio": self.get_num_audio_tokens()}
 
 
-class AffinityWhisperMultiModalProcessor(WhisperMultiModalProcessor):
+class AffinityWhisperMultiModalProcessor(AffinityProcessorMixin, WhisperMultiModalProcessor):
     info: AffinityWhisperProcessingInfo
 
-    def apply(self, inputs, timing_ctx):
-        """Validate the request first (HTTP 400 naming the problem)."""
-        cfg = self.info.affinity
-        check_request(
-            cfg, inputs, model="Whisper", window_s=WINDOW_S, limit_s=cfg.max_audio_seconds, truncates=True,
-            hint="the transcription API splits long audio; set max_audio_seconds to reject such audio",
-        )
-        return super().apply(inputs, timing_ctx)
+    def stock_tokens(self, num_samples: int) -> int:
+        return self.info.get_num_audio_tokens()  # max_source_positions: 1500, whatever the length
 
-    def _call_hf_processor(self, hf_data, hf_kwargs):
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEEP_RATIO_KEY}
-        return super()._call_hf_processor(hf_data, hf_kwargs)
+    def placeholder_token_id(self) -> int:
+        return 0  # the dummy encoder prompt: one 0 per encoder token, as stock
 
-    def _frames(self) -> int:
-        return self.info.get_num_audio_tokens()  # max_source_positions: 1500
+    def truncation_hint(self) -> str:
+        return "the transcription API splits long audio; set max_audio_seconds to reject such audio"
 
-    def _postprocess_hf_mm_data(self, hf_data, hf_processor_mm_kwargs, processed_data):
-        processed_data = super()._postprocess_hf_mm_data(hf_data, hf_processor_mm_kwargs, processed_data)
-        feats = processed_data.get("input_features")
-        if feats is None:
-            return processed_data
-        merged_kwargs = self.info.ctx.get_merged_mm_kwargs(hf_processor_mm_kwargs)
-        ratio = request_keep_ratio(self.info.affinity, merged_kwargs)
-        # always present (K = 1500 when off: the model's merge is then the identity), so
-        # items of different requests batch together in the encoder
-        k = pooling.num_kept(self._frames(), ratio)
-        processed_data[NUM_KEPT_FIELD] = torch.full((len(feats),), k, dtype=torch.long)
-        logger.debug("vllm-affinity: Whisper encoder frames %d -> %d (keep_ratio=%s)", self._frames(), k, ratio)
-        return processed_data
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[NUM_KEPT_FIELD] = MultiModalFieldConfig.batched("audio", keep_on_cpu=True)
-        return fields
-
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
-        stock = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        kept = out_mm_kwargs.get_data().get(NUM_KEPT_FIELD)
-        if kept is None:
-            return stock
-
-        def replacement(item_idx: int) -> list[int]:
-            return [0] * int(kept[item_idx])
-
-        # the same dummy encoder prompt as stock ([0] -> one 0 per encoder token), K long
-        return [PromptReplacement(modality="audio", target=[0], replacement=replacement)]
+    def kv_blocks_saved(self, prompt_len, n, kept, kept_deep) -> float:
+        bs = self.block_size()
+        return accounting.cross_attention_blocks_saved(sum(n), sum(kept), bs) if bs else 0.0
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -189,31 +104,19 @@ class AffinityWhisperMultiModalProcessor(WhisperMultiModalProcessor):
     info=AffinityWhisperProcessingInfo,
     dummy_inputs=WhisperDummyInputsBuilder,
 )
-class AffinityWhisperForConditionalGeneration(WhisperForConditionalGeneration):
+class AffinityWhisperForConditionalGeneration(AffinityModelMixin, WhisperForConditionalGeneration):
     """Stock Whisper whose encoder output is pooled to the processor's count."""
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        refuse_additional_config(vllm_config)
-        hf_config = vllm_config.model_config.hf_config
-        self.affinity = whisper_config(hf_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        frames = int(hf_config.max_source_positions)
-        logger.info("vllm-affinity: Whisper with Affinity Pooling: %s", describe(self.affinity, frames))
-        if self.affinity.encoder_real_length:
-            logger.info(
-                "vllm-affinity: encoder_real_length is ignored for Whisper (its encoder is trained "
-                "on the zero-padded %d s window; the encoder runs on all of it, as stock)", WINDOW_S,
-            )
-        if getattr(self.affinity, "long_audio", "truncate") != "truncate":
-            logger.info(
-                "vllm-affinity: long_audio=%s is ignored for Whisper (audio over %d s is truncated "
-                "as stock; the transcription API splits long audio into %d s chunks)",
-                self.affinity.long_audio, WINDOW_S, WINDOW_S,
-            )
+    ARCH = ARCH
 
-    def embed_multimodal(self, **kwargs: object):
-        kept = kwargs.pop(NUM_KEPT_FIELD, None)
-        embeds = super().embed_multimodal(**kwargs)
-        if kept is None:
-            return embeds
-        return pool_to_counts(embeds, kept, self.affinity)
+    def describe(self) -> str:
+        frames = int(self.config.max_source_positions)
+        line = f"Whisper with Affinity Pooling: {describe(self.affinity, frames)}"
+        window = self.affinity_facts.window_seconds
+        if self.affinity.encoder_real_length:
+            line += (f"; encoder_real_length is ignored for Whisper (its encoder is trained on the "
+                     f"zero-padded {window:g} s window; the encoder runs on all of it, as stock)")
+        if self.affinity.long_audio != "truncate":
+            line += (f"; long_audio={self.affinity.long_audio} is ignored for Whisper (audio over {window:g} s "
+                     f"is truncated as stock; the transcription API splits long audio into {window:g} s chunks)")
+        return line

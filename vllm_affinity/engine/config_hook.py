@@ -14,6 +14,8 @@ With a deep stage it sets, each with a log line:
 * the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0);
 * no pipeline parallelism (the merge must see the whole decoder stack).
 Validation of the SPEC happens here too, so a bad value stops start-up early.
+The hook knows no architecture: it reads the SPEC and the architecture's facts
+(:mod:`vllm_affinity.architectures`) through the config layer.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ GPU_WORKER_CLS = "vllm_affinity.engine.gpu_worker.AffinityGPUWorker"
 class AffinityConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
+        from ..architectures import facts_of_model_config
         from ..config import server_config
 
-        cfg = server_config(vllm_config.model_config.hf_config)
+        facts = facts_of_model_config(vllm_config.model_config)
+        cfg = facts.validate(server_config(vllm_config.model_config.hf_config))
         # The multimodal processor (which counts KV blocks saved for /metrics) sees only
         # the model config; give it the cache config, whose block size the platform
         # finalizes later in this same config build.
@@ -55,13 +59,12 @@ class AffinityConfigHook(VerifyAndUpdateConfig):
         if not sched.disable_chunked_mm_input:
             sched.disable_chunked_mm_input = True
             logger.info("vllm-affinity: disable_chunked_mm_input=True (an audio span is merged whole)")
-        # a whole audio must fit one step; with windows one audio is several 30 s windows
-        from ..encoder import TOKENS_PER_WINDOW
-
-        need = cfg.max_windows * TOKENS_PER_WINDOW
-        if cfg.max_windows > 1 and sched.max_num_batched_tokens < need:
-            logger.info("vllm-affinity: max_num_batched_tokens %d -> %d (an audio of up to %g s is "
-                        "prefilled in one step)", sched.max_num_batched_tokens, need, cfg.audio_seconds_limit)
+        # a whole audio must fit one step (vLLM refuses to start otherwise, and a smaller
+        # step budget must never leave a request unscheduled)
+        need = facts.max_item_tokens(cfg)
+        if need is not None and sched.max_num_batched_tokens < need:
+            logger.info("vllm-affinity: max_num_batched_tokens %d -> %d (an audio of up to %d %s tokens "
+                        "is prefilled in one step)", sched.max_num_batched_tokens, need, need, facts.name)
             sched.max_num_batched_tokens = need
         if sched.scheduler_cls not in (None, SCHEDULER_CLS):
             raise ValueError(f"vllm-affinity: the deep stage needs scheduler_cls={SCHEDULER_CLS}, "

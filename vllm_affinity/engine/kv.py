@@ -16,7 +16,9 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from ..plan import EMPTY_PLAN, DeepPlan
+from vllm.model_executor.layers.attention import Attention
+
+from ..plan import DeepPlan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,14 +35,12 @@ class AffinityDeepAttentionSpec(AttentionSpec):
         return cls(**{f.name: getattr(spec, f.name) for f in fields(spec) if f.name in base})
 
 
-def request_plan(request: Any, keep_ratio: float) -> DeepPlan:
-    """DeepPlan of a scheduler-side Request (its audio placeholder ranges)."""
-    ranges = [
-        (f.mm_position.offset, f.mm_position.length)
-        for f in (request.mm_features or [])
-        if f.modality == "audio"
-    ]
-    return DeepPlan.from_ranges(ranges, keep_ratio) if ranges else EMPTY_PLAN
+class AffinityDeepAttention(Attention):
+    """Attention of a layer above the merge point: its KV lives in the deep group
+    (the model mixin swaps the class of those layers' ``Attention`` in place)."""
+
+    def get_kv_cache_spec(self, vllm_config):
+        return AffinityDeepAttentionSpec.from_attention_spec(super().get_kv_cache_spec(vllm_config))
 
 
 class AffinityDeepManager(FullAttentionManager):
@@ -63,7 +63,7 @@ class AffinityDeepManager(FullAttentionManager):
         req = self.requests.get(request_id)
         if req is None:
             return num_tokens
-        return request_plan(req, self.keep_ratio).compacted(num_tokens)
+        return DeepPlan.from_features(req.mm_features, self.keep_ratio).compacted(num_tokens)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, *args, **kwargs) -> int:

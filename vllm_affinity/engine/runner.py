@@ -13,8 +13,13 @@ placeholder ranges that the scheduler's deep KV manager uses):
 
 The model is told which flattened token ranges to merge (``AffinityStep``); which
 tokens merge is decided there, on the hidden states. Hooks (private V1 runner
-methods, pinned to vLLM 0.32.0 and covered by tests/test_deep.py):
-``_get_slot_mappings``, ``_build_attention_metadata``, ``_model_forward``.
+methods, listed and checked at start-up in :mod:`vllm_affinity.compat`, covered by
+tests/test_deep.py): ``_get_slot_mappings``, ``_build_attention_metadata``,
+``_model_forward``, ``execute_model``, ``sample_tokens``.
+
+Devices: the plan is computed on the host; slot mappings, ``query_start_loc`` and
+``seq_lens`` go to the runner's device (a GPU backend reads them there), while
+``query_start_loc_cpu`` / ``seq_lens_cpu_upper_bound`` stay on the host.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..plan import EMPTY_PLAN, DeepPlan
+from ..config import server_config
+from ..plan import DeepPlan
 from .kv import AffinityDeepAttentionSpec
 
 
@@ -42,8 +48,8 @@ class AffinityStep:
 @dataclass
 class _DeepLayout:
     step: AffinityStep
-    query_start_loc: torch.Tensor  # (num_reqs + 1,) int32, compacted
-    seq_lens: torch.Tensor  # (num_reqs,) int32, compacted
+    query_start_loc_cpu: torch.Tensor  # (num_reqs + 1,) int32, compacted, host
+    seq_lens_cpu: torch.Tensor  # (num_reqs,) int32, compacted, host
     slot_index: np.ndarray  # (C,) compacted KV index of each row (per request)
     row_req: np.ndarray  # (C,) request index of each row
 
@@ -58,8 +64,6 @@ class AffinityRunnerMixin:
     def _affinity_deep(self):
         cfg = getattr(self, "_affinity_cfg", None)
         if cfg is None:
-            from ..config import server_config
-
             cfg = self._affinity_cfg = server_config(self.vllm_config.model_config.hf_config)
         return cfg.deep
 
@@ -70,14 +74,7 @@ class AffinityRunnerMixin:
         ]
 
     def _affinity_plan(self, req_id: str) -> DeepPlan:
-        deep = self._affinity_deep()
-        state = self.requests[req_id]
-        ranges = [
-            (f.mm_position.offset, f.mm_position.length)
-            for f in (state.mm_features or [])
-            if f.modality == "audio"
-        ]
-        return DeepPlan.from_ranges(ranges, deep.keep_ratio) if ranges else EMPTY_PLAN
+        return DeepPlan.from_features(self.requests[req_id].mm_features, self._affinity_deep().keep_ratio)
 
     # -- per step -------------------------------------------------------------------------
     def execute_model(self, scheduler_output, *args, **kwargs):
@@ -98,34 +95,23 @@ class AffinityRunnerMixin:
         c_qsl = np.zeros(num_reqs + 1, dtype=np.int32)
         c_seq = np.zeros(num_reqs, dtype=np.int32)
         for i, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
-            start, q = int(computed[i]), int(qsl[i + 1] - qsl[i])
-            end = start + q
-            plan = self._affinity_plan(req_id)
-            # Rows in order: text tokens keep their place (index = position minus the
-            # tokens merged away before it, constant between spans); a span scheduled in
-            # this step becomes its K rows at the span's compacted start.
-            pieces, cursor = [], start
-            for s in plan.spans_in(start, end):
-                pieces.append(np.arange(cursor, s.offset) - plan.removed_before(cursor))
-                c0 = plan.span_compact_start(s)
-                pieces.append(np.arange(c0, c0 + s.kept))
+            start = int(computed[i])
+            rows = self._affinity_plan(req_id).rows(start, start + int(qsl[i + 1] - qsl[i]))
+            for s in rows.spans:
                 spans_flat.append((int(qsl[i]) + s.offset - start, s.length, s.kept))
                 span_reqs.append(req_id)
-                cursor = s.end
-            pieces.append(np.arange(cursor, end) - plan.removed_before(cursor))
-            idx = np.concatenate(pieces).astype(np.int64)
-            slot_parts.append(idx)
-            req_parts.append(np.full(idx.size, i, dtype=np.int64))
-            c_qsl[i + 1] = c_qsl[i] + idx.size
-            c_seq[i] = plan.compacted(end)
+            slot_parts.append(rows.slot_index)
+            req_parts.append(np.full(rows.num_rows, i, dtype=np.int64))
+            c_qsl[i + 1] = c_qsl[i] + rows.num_rows
+            c_seq[i] = rows.seq_len
         slot_index = np.concatenate(slot_parts) if slot_parts else np.zeros(0, np.int64)
         row_req = np.concatenate(req_parts) if req_parts else np.zeros(0, np.int64)
         step = AffinityStep(spans=spans_flat, span_req_ids=span_reqs, num_tokens=num_tokens,
                             num_rows=int(c_qsl[-1]))
         return _DeepLayout(
             step=step,
-            query_start_loc=torch.from_numpy(c_qsl),
-            seq_lens=torch.from_numpy(c_seq),
+            query_start_loc_cpu=torch.from_numpy(c_qsl),
+            seq_lens_cpu=torch.from_numpy(c_seq),
             slot_index=slot_index,
             row_req=row_req,
         )
@@ -144,7 +130,8 @@ class AffinityRunnerMixin:
             blocks = bt.block_table.np
             idx = layout.slot_index
             slots = blocks[layout.row_req, idx // bt.block_size].astype(np.int64) * bt.block_size + idx % bt.block_size
-            mapping = torch.from_numpy(slots).to(by_gid[gid].dtype)
+            stock = by_gid[gid]
+            mapping = torch.from_numpy(slots).to(device=stock.device, dtype=stock.dtype)
             by_gid[gid] = mapping
             for name in self.kv_cache_config.kv_cache_groups[gid].layer_names:
                 by_layer[name] = mapping
@@ -157,20 +144,23 @@ class AffinityRunnerMixin:
             return attn_metadata, spec_cm
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
-        num_reqs = layout.seq_lens.numel()
+        num_reqs = layout.seq_lens_cpu.numel()
         slot_mappings = kwargs.get("slot_mappings") or {}
-        q_lens = layout.query_start_loc.diff()
+        q_lens = layout.query_start_loc_cpu.diff()
+        device = self.device
+        query_start_loc = layout.query_start_loc_cpu.to(device, non_blocking=True)
+        seq_lens = layout.seq_lens_cpu.to(device, non_blocking=True)
         for gid in self._affinity_deep_gids():
             bt = self.input_batch.block_table[gid]
             cm = CommonAttentionMetadata(
-                query_start_loc=layout.query_start_loc,
-                query_start_loc_cpu=layout.query_start_loc,
-                seq_lens=layout.seq_lens,
-                seq_lens_cpu_upper_bound=layout.seq_lens,
+                query_start_loc=query_start_loc,
+                query_start_loc_cpu=layout.query_start_loc_cpu,
+                seq_lens=seq_lens,
+                seq_lens_cpu_upper_bound=layout.seq_lens_cpu,
                 num_reqs=num_reqs,
                 num_actual_tokens=layout.step.num_rows,
                 max_query_len=int(q_lens.max()) if num_reqs else 0,
-                max_seq_len=int(layout.seq_lens.max()) if num_reqs else 0,
+                max_seq_len=int(layout.seq_lens_cpu.max()) if num_reqs else 0,
                 block_table_tensor=bt.get_device_tensor(num_reqs),
                 slot_mapping=slot_mappings[gid],
                 causal=True,

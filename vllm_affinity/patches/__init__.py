@@ -6,13 +6,14 @@ vLLM version it was written against (it refuses to apply to another one).
 
 from __future__ import annotations
 
-PINNED_VLLM = "0.32.0"
+#: vLLM releases the patches were checked against (the bug each fixes is read in both)
+PATCHED_VLLM = ("0.32.0", "0.33.0")
 
 
 def vllm_version_matches() -> bool:
-    import vllm
+    from ..compat import vllm_version
 
-    return vllm.__version__.split("+")[0] == PINNED_VLLM
+    return vllm_version() in PATCHED_VLLM
 
 
 def apply_all() -> None:

@@ -1,6 +1,6 @@
 """Patch: undecodable audio is a client error (HTTP 400), not a server error (500).
 
-Why: in vLLM 0.32.0 ``vllm.multimodal.media.audio.load_audio`` re-raises libsndfile
+Why: in vLLM 0.32.0 and 0.33.0 ``vllm.multimodal.media.audio.load_audio`` re-raises libsndfile
 errors it does not classify as "unrecognised format" (e.g. a WAV whose 'fmt ' chunk
 names a codec libsndfile cannot decode) as ``soundfile.LibsndfileError``, a
 RuntimeError, which the OpenAI server maps to 500. A bad upload must be a 400 that
@@ -10,7 +10,8 @@ What upstream would need: classify every decoder error of client-supplied bytes 
 ValueError in ``load_audio`` (as it already does for PyAV's FFmpegError).
 
 When to remove: once vLLM maps these errors to ValueError; the version guard below
-makes this patch refuse any vLLM other than the pinned one.
+makes this patch refuse any vLLM it was not checked against (0.32.0, 0.33.0:
+the bug is still there in 0.33.0).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ _MARK = "_vllm_affinity_patched"
 
 
 def apply() -> None:
-    from . import PINNED_VLLM, vllm_version_matches
+    from . import PATCHED_VLLM, vllm_version_matches
 
     if not vllm_version_matches():
-        raise RuntimeError(f"vllm-affinity patch audio_decode_errors is written for vLLM {PINNED_VLLM}")
+        raise RuntimeError(f"vllm-affinity patch audio_decode_errors is written for vLLM {', '.join(PATCHED_VLLM)}")
     from vllm.multimodal.media import audio as media_audio
 
     original = media_audio.load_audio

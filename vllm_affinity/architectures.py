@@ -1,0 +1,113 @@
+"""The architectures the plugin serves, as data: what the engine must know of each
+without importing it (pure Python, no vLLM import).
+
+``register()`` registers every entry's adapter class with vLLM's model registry as a
+"module:Class" string (imported lazily by vLLM), and the deep-stage config hook for the
+entries that allow a deep stage. The engine (config hook, scheduler, runner) reads an
+entry through :func:`facts_for` and the server SPEC through :func:`~vllm_affinity.config.server_config`;
+it never imports an adapter.
+
+Adding an architecture: one adapter file in ``vllm_affinity/adapters/`` and one entry here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from .config import HF_CONFIG_KEY, AffinityConfig, AffinityConfigError
+
+#: where the audio's positions come from
+Positions = Literal["rope-1d", "mrope", "learned"]
+#: how audio over one encoder window is handled:
+#: "plugin-windows" the plugin encodes consecutive windows when ``long_audio: windows``;
+#: "native"         the stock processor already splits into windows (up to ``max_audio_seconds``);
+#: "truncate"       the stock model sees the first window only (the SPEC's ``long_audio`` is ignored)
+LongAudio = Literal["plugin-windows", "native", "truncate"]
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    architecture: str  # vLLM registry name
+    adapter: str  # "module:Class" of the plugin's model class
+    name: str  # for log lines and errors
+    window_seconds: float  # one encoder window
+    tokens_per_window: int  # placeholders of one full window before pooling
+    deep_stage: bool  # a decoder-only LM whose sequence holds the audio positions
+    positions: Positions
+    long_audio: LongAudio
+
+    def validate(self, cfg: AffinityConfig) -> AffinityConfig:
+        """The server SPEC, checked against what this architecture allows."""
+        if cfg.deep is not None and not self.deep_stage:
+            raise AffinityConfigError(
+                f"invalid vllm-affinity config: hf_overrides.{HF_CONFIG_KEY}.deep is not supported for "
+                f"{self.name}: the deep stage merges audio positions inside a decoder-only speech LM's "
+                f"sequence, and {self.name}'s decoder has none (it reads the audio through "
+                "cross-attention). Use the input stage alone, e.g. the preset 'input-only' or "
+                '{"input": {"keep_ratio": 0.74}}'
+            )
+        return cfg
+
+    def audio_seconds_limit(self, cfg: AffinityConfig) -> float | None:
+        """Longest audio this server accepts (None: any; the stock model truncates or
+        the stock processor applies its own limit)."""
+        if self.long_audio == "native":
+            return cfg.native_audio_seconds_limit
+        if self.long_audio == "plugin-windows":
+            return cfg.audio_seconds_limit
+        return cfg.max_audio_seconds
+
+    def max_windows(self, cfg: AffinityConfig) -> int | None:
+        """Encoder windows one audio may span on this server (None: the stock processor's
+        own limit decides)."""
+        if self.long_audio == "truncate" or (self.long_audio == "plugin-windows" and cfg.long_audio != "windows"):
+            return 1
+        limit = self.audio_seconds_limit(cfg)
+        return None if limit is None else max(1, math.ceil(round(limit / self.window_seconds, 6)))
+
+    def max_item_tokens(self, cfg: AffinityConfig) -> int | None:
+        """Most placeholders one audio can have before pooling (sizes vLLM's encoder
+        budget and, with a deep stage, the step budget: a span is prefilled whole)."""
+        windows = self.max_windows(cfg)
+        return None if windows is None else windows * self.tokens_per_window
+
+
+ARCHITECTURES: dict[str, ArchFacts] = {
+    f.architecture: f
+    for f in (
+        ArchFacts(
+            "Qwen2AudioForConditionalGeneration",
+            "vllm_affinity.adapters.qwen2_audio:AffinityQwen2AudioForConditionalGeneration",
+            "Qwen2-Audio", 30, 750, deep_stage=True, positions="rope-1d", long_audio="plugin-windows",
+        ),
+        ArchFacts(
+            "AudioFlamingo3ForConditionalGeneration",
+            "vllm_affinity.adapters.audioflamingo3:AffinityAudioFlamingo3ForConditionalGeneration",
+            "AudioFlamingo3", 30, 750, deep_stage=True, positions="rope-1d", long_audio="native",
+        ),
+        ArchFacts(
+            "WhisperForConditionalGeneration",
+            "vllm_affinity.adapters.whisper:AffinityWhisperForConditionalGeneration",
+            "Whisper", 30, 1500, deep_stage=False, positions="learned", long_audio="truncate",
+        ),
+    )
+}
+
+
+def facts_for(architecture: str) -> ArchFacts:
+    try:
+        return ARCHITECTURES[architecture]
+    except KeyError:
+        raise KeyError(
+            f"vllm-affinity: no adapter for architecture {architecture!r}; supported: {sorted(ARCHITECTURES)}"
+        ) from None
+
+
+def facts_of_model_config(model_config) -> ArchFacts:
+    """The entry of the architecture a vLLM ModelConfig serves (its first registered one)."""
+    for arch in getattr(model_config, "architectures", None) or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    raise KeyError(f"vllm-affinity: none of {model_config.architectures} has an adapter")

@@ -1,0 +1,181 @@
+"""Every private vLLM touchpoint of the plugin, in one place, checked at ``register()``.
+
+The plugin builds on vLLM's extension points (model registry, multimodal processor
+hooks, KV-cache spec registry, ``--scheduler-cls`` / ``--worker-cls``, per-architecture
+config hooks), but several of the methods it overrides are private and change between
+releases. :data:`SEAMS` lists each one with the parameters the plugin relies on;
+:func:`check` verifies them against the running vLLM and fails naming the seam, so a
+vLLM whose seams moved stops at start-up instead of misbehaving later.
+
+Supported: vLLM 0.32.0 (CPU and GPU) and 0.33.0 (GPU only: no CPU build exists).
+Version-dependent behaviour lives here too:
+
+* :func:`fail_requests`: ``Scheduler.grammar_compile_error_reqs`` is a ``set[str]`` in
+  0.32 and a ``dict[str, RequestError]`` in 0.33 (where the message reaches the client);
+* :func:`needs_chunk_split_guard`: vLLM 0.32's ``disable_chunked_mm_input`` rolls a chunk
+  back only when it starts BEFORE an item (``<``); 0.33 uses ``<=``, so the plugin's
+  scheduler guard is needed on 0.32 only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+
+SUPPORTED_VLLM = ("0.32.0", "0.33.0")
+
+
+class VllmSeamError(RuntimeError):
+    """The running vLLM lacks a seam the plugin needs (or it changed shape)."""
+
+
+@dataclass(frozen=True)
+class Seam:
+    """``module:Qualname.attr`` and the leading parameters (after ``self``) it must take."""
+
+    where: str
+    params: tuple[str, ...] | None = None  # None: only existence is checked
+    why: str = ""
+
+
+SEAMS: tuple[Seam, ...] = (
+    # deep stage, worker side (engine/runner.py)
+    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner._get_slot_mappings",
+         ("num_tokens_padded", "num_reqs_padded", "num_tokens_unpadded", "ubatch_slices"),
+         "compacted KV slots of the layers above the merge"),
+    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner._build_attention_metadata",
+         ("num_tokens", "num_reqs", "max_query_len"), "compacted attention metadata of the deep layers"),
+    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward",
+         ("input_ids", "positions", "intermediate_tensors", "inputs_embeds"), "hands the step's spans to the model"),
+    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model", ("scheduler_output",)),
+    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens", ("grammar_output",)),
+    Seam("vllm.v1.worker.cpu_model_runner:CPUModelRunner"),
+    Seam("vllm.v1.worker.cpu_worker:CPUWorker.init_device", ()),
+    Seam("vllm.v1.worker.gpu_worker:Worker.init_device", ()),
+    Seam("vllm.v1.attention.backend:CommonAttentionMetadata"),
+    # deep stage, scheduler side (engine/scheduler.py, engine/kv.py)
+    Seam("vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
+         ("request", "num_computed_tokens", "num_new_tokens", "encoder_compute_budget"),
+         "keeps an audio span in one prefill chunk"),
+    Seam("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", ("scheduler_output", "model_runner_output"),
+         "fails a request whose merge failed"),
+    Seam("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.get_num_blocks_to_allocate",
+         ("request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
+          "num_local_computed_tokens", "num_tokens_main_model"), "allocates the compacted deep-group blocks"),
+    Seam("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.allocate_new_blocks",
+         ("request_id", "num_tokens", "num_tokens_main_model")),
+    Seam("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered", ()),
+    Seam("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register"),
+    Seam("vllm.v1.kv_cache_interface:AttentionSpec"),
+    Seam("vllm.model_executor.layers.attention:Attention.get_kv_cache_spec", ("vllm_config",)),
+    # config time (engine/config_hook.py)
+    Seam("vllm.model_executor.models.config:MODELS_CONFIG_MAP"),
+    Seam("vllm.model_executor.models.config:VerifyAndUpdateConfig"),
+    # multimodal processing (adapters/base.py)
+    Seam("vllm.multimodal.processing:BaseMultiModalProcessor.apply", ("inputs", "timing_ctx")),
+    Seam("vllm.multimodal.processing:BaseMultiModalProcessor._call_hf_processor", ("hf_data", "hf_kwargs")),
+    Seam("vllm.multimodal.processing:BaseMultiModalProcessor._postprocess_hf_mm_data",
+         ("mm_inputs", "hf_processor_mm_kwargs", "processed_data")),
+    Seam("vllm.multimodal.processing:BaseMultiModalProcessor._get_mm_fields_config",
+         ("hf_inputs", "hf_processor_mm_kwargs")),
+    Seam("vllm.multimodal.processing:BaseMultiModalProcessor._get_prompt_updates",
+         ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
+    Seam("vllm.multimodal.processing:InputProcessingContext.get_merged_mm_kwargs"),
+    Seam("vllm.multimodal.inputs:MultiModalFieldConfig.batched", ("modality",)),
+    Seam("vllm.multimodal.inputs:MultiModalFieldConfig.flat_from_sizes", ("modality", "size_per_item")),
+    # patches/audio_decode_errors.py
+    Seam("vllm.multimodal.media.audio:load_audio"),
+)
+
+#: fields of CommonAttentionMetadata the runner sets for the deep layers
+COMMON_ATTENTION_FIELDS = (
+    "query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens", "max_query_len",
+    "max_seq_len", "block_table_tensor", "slot_mapping", "causal",
+)
+#: fields of AttentionSpec copied into the deep spec (a new field must have a default)
+ATTENTION_SPEC_FIELDS = ("block_size", "num_kv_heads", "head_size", "dtype")
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__.split("+")[0]
+
+
+def _resolve(where: str):
+    import importlib
+
+    module_name, _, qual = where.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _positional_names(fn) -> list[str]:
+    sig = inspect.signature(fn)
+    return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind is not p.VAR_KEYWORD
+            and p.kind is not p.VAR_POSITIONAL]
+
+
+def check_seam(seam: Seam, resolve=_resolve) -> None:
+    try:
+        obj = resolve(seam.where)
+    except (ImportError, AttributeError) as exc:
+        raise VllmSeamError(
+            f"vllm-affinity: vLLM {vllm_version()} has no {seam.where} ({exc}); the plugin supports "
+            f"vLLM {', '.join(SUPPORTED_VLLM)}{' — needed for: ' + seam.why if seam.why else ''}"
+        ) from None
+    if seam.params is None:
+        return
+    have = _positional_names(obj)
+    if have[: len(seam.params)] != list(seam.params):
+        raise VllmSeamError(
+            f"vllm-affinity: {seam.where} takes ({', '.join(have)}) in vLLM {vllm_version()}; the plugin "
+            f"expects ({', '.join(seam.params)}, ...) (supported vLLM: {', '.join(SUPPORTED_VLLM)})"
+        )
+
+
+def check_dataclass_fields(where: str, needed: tuple[str, ...], resolve=_resolve) -> None:
+    have = {f.name for f in fields(resolve(where))}
+    missing = [f for f in needed if f not in have]
+    if missing:
+        raise VllmSeamError(f"vllm-affinity: {where} lacks field(s) {missing} in vLLM {vllm_version()}")
+
+
+def check() -> None:
+    """Verify every seam against the running vLLM (called by ``register()``)."""
+    version = vllm_version()
+    if version not in SUPPORTED_VLLM:
+        raise VllmSeamError(
+            f"vllm-affinity supports vLLM {', '.join(SUPPORTED_VLLM)}; this is vLLM {version}"
+        )
+    for seam in SEAMS:
+        check_seam(seam)
+    check_dataclass_fields("vllm.v1.attention.backend:CommonAttentionMetadata", COMMON_ATTENTION_FIELDS)
+    check_dataclass_fields("vllm.v1.kv_cache_interface:AttentionSpec", ATTENTION_SPEC_FIELDS)
+
+
+# -- version-dependent behaviour ----------------------------------------------------------------
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")[:3])
+
+
+def needs_chunk_split_guard(version: str | None = None) -> bool:
+    """vLLM < 0.33 lets a prefill chunk that starts exactly at an audio item cut it."""
+    return _version_tuple(version or vllm_version()) < (0, 33, 0)
+
+
+def fail_requests(scheduler, req_ids: list[str], message: str) -> None:
+    """Finish ``req_ids`` with FINISHED_ERROR at the scheduler's next update, through its
+    own per-request error collection (drained by ``update_from_output``): a ``set`` of
+    ids in vLLM 0.32 (the client sees a generic error), a ``dict`` of ``RequestError`` in
+    0.33 (the client sees ``message``)."""
+    errors = scheduler.grammar_compile_error_reqs
+    if isinstance(errors, dict):
+        from vllm.outputs import RequestError
+
+        for rid in req_ids:
+            errors[rid] = RequestError(code="internal_error", message=message)
+    else:
+        errors.update(req_ids)
