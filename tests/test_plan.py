@@ -22,15 +22,59 @@ def test_compacted_counts_whole_spans_only():
 
 def test_slot_indices_of_a_full_prefill_are_contiguous():
     plan = DeepPlan.from_ranges([(3, 20), (30, 7)], 0.5)
-    rows, cursor = [], 0
-    for s in plan.spans:
-        rows += [p - plan.removed_before(cursor) for p in range(cursor, s.offset)]
-        c0 = plan.span_compact_start(s)
-        rows += list(range(c0, c0 + s.kept))
-        cursor = s.end
-    rows += [p - plan.removed_before(cursor) for p in range(cursor, 50)]
-    assert rows == list(range(plan.compacted(50)))
+    rows = plan.rows(0, 50)
+    assert rows.slot_index.tolist() == list(range(plan.compacted(50)))
+    assert rows.seq_len == plan.compacted(50) == rows.num_rows
+    assert rows.spans == plan.spans
     assert plan.slot_index(50) == plan.compacted(50)  # the first decode token
+
+
+def _plans():
+    """A request's spans (gaps and lengths) and a deep keep ratio."""
+    return st.tuples(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 40)), max_size=4), st.floats(0.01, 1.0))
+
+
+def _plan_of(gaps, ratio):
+    ranges, pos = [], 0
+    for gap, n in gaps:
+        pos += gap
+        ranges.append((pos, n))
+        pos += n
+    return DeepPlan.from_ranges(ranges, ratio), pos + 5
+
+
+@given(_plans(), st.data())
+def test_step_rows_of_any_chunking_tile_the_compacted_sequence(plan_args, data):
+    """However the scheduler cuts the prompt into steps (never inside a span), the rows of
+    the steps, concatenated, are the compacted indices 0..C-1 once each, in order; each
+    step's row count is its tokens minus what its spans merge away, and its seq_len is
+    the compacted length at its end. Decode steps add one row each."""
+    plan, end = _plan_of(*plan_args)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, end), max_size=6))) | {0, end})
+    cuts = [c for c in cuts if all(not (s.offset < c < s.end) for s in plan.spans)]
+    rows = []
+    for a, b in zip(cuts, cuts[1:]):
+        step = plan.rows(a, b)
+        assert step.num_rows == (b - a) - sum(s.removed for s in step.spans)
+        assert step.seq_len == plan.compacted(b)
+        assert all(a <= s.offset and s.end <= b for s in step.spans)
+        rows += step.slot_index.tolist()
+    assert rows == list(range(plan.compacted(end)))
+    decode = plan.rows(end, end + 1)
+    assert decode.slot_index.tolist() == [plan.compacted(end)] and decode.spans == []
+
+
+@given(_plans())
+def test_plan_from_features_reads_only_audio(plan_args):
+    from types import SimpleNamespace as NS
+
+    plan, _ = _plan_of(*plan_args)
+    ratio = plan_args[1]
+    feats = [NS(modality="audio", mm_position=NS(offset=s.offset, length=s.length)) for s in plan.spans]
+    feats.append(NS(modality="image", mm_position=NS(offset=10_000, length=50)))
+    again = DeepPlan.from_features(feats, ratio)
+    assert again.spans == plan.spans
+    assert DeepPlan.from_features(None, ratio).spans == []
 
 
 def test_split_span_is_refused():

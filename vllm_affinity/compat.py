@@ -53,6 +53,7 @@ SEAMS: tuple[Seam, ...] = (
     Seam("vllm.v1.worker.cpu_worker:CPUWorker.init_device", ()),
     Seam("vllm.v1.worker.gpu_worker:Worker.init_device", ()),
     Seam("vllm.v1.attention.backend:CommonAttentionMetadata"),
+    Seam("vllm.v1.worker.utils:AttentionGroup.build_metadata", ("common_attn_metadata",)),
     # deep stage, scheduler side (engine/scheduler.py, engine/kv.py)
     Seam("vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
          ("request", "num_computed_tokens", "num_new_tokens", "encoder_compute_budget"),
@@ -118,29 +119,36 @@ def _positional_names(fn) -> list[str]:
             and p.kind is not p.VAR_POSITIONAL]
 
 
-def check_seam(seam: Seam, resolve=_resolve) -> None:
-    try:
-        obj = resolve(seam.where)
-    except (ImportError, AttributeError) as exc:
-        raise VllmSeamError(
-            f"vllm-affinity: vLLM {vllm_version()} has no {seam.where} ({exc}); the plugin supports "
-            f"vLLM {', '.join(SUPPORTED_VLLM)}{' — needed for: ' + seam.why if seam.why else ''}"
-        ) from None
+def _compare(seam: Seam, have: list[str] | None, version: str) -> None:
     if seam.params is None:
         return
-    have = _positional_names(obj)
-    if have[: len(seam.params)] != list(seam.params):
+    if have is None or have[: len(seam.params)] != list(seam.params):
         raise VllmSeamError(
-            f"vllm-affinity: {seam.where} takes ({', '.join(have)}) in vLLM {vllm_version()}; the plugin "
+            f"vllm-affinity: {seam.where} takes ({', '.join(have or [])}) in vLLM {version}; the plugin "
             f"expects ({', '.join(seam.params)}, ...) (supported vLLM: {', '.join(SUPPORTED_VLLM)})"
         )
 
 
-def check_dataclass_fields(where: str, needed: tuple[str, ...], resolve=_resolve) -> None:
-    have = {f.name for f in fields(resolve(where))}
+def _missing(seam: Seam, version: str, detail: str = "") -> VllmSeamError:
+    return VllmSeamError(
+        f"vllm-affinity: vLLM {version} has no {seam.where}{detail}; the plugin supports "
+        f"vLLM {', '.join(SUPPORTED_VLLM)}{' (needed for: ' + seam.why + ')' if seam.why else ''}"
+    )
+
+
+def check_seam(seam: Seam) -> None:
+    """Check one seam against the running vLLM."""
+    try:
+        obj = _resolve(seam.where)
+    except (ImportError, AttributeError) as exc:
+        raise _missing(seam, vllm_version(), f" ({exc})") from None
+    _compare(seam, _positional_names(obj) if seam.params is not None else None, vllm_version())
+
+
+def check_dataclass_fields(where: str, needed: tuple[str, ...], have: list[str], version: str) -> None:
     missing = [f for f in needed if f not in have]
     if missing:
-        raise VllmSeamError(f"vllm-affinity: {where} lacks field(s) {missing} in vLLM {vllm_version()}")
+        raise VllmSeamError(f"vllm-affinity: {where} lacks field(s) {missing} in vLLM {version}")
 
 
 def check() -> None:
@@ -152,8 +160,22 @@ def check() -> None:
         )
     for seam in SEAMS:
         check_seam(seam)
-    check_dataclass_fields("vllm.v1.attention.backend:CommonAttentionMetadata", COMMON_ATTENTION_FIELDS)
-    check_dataclass_fields("vllm.v1.kv_cache_interface:AttentionSpec", ATTENTION_SPEC_FIELDS)
+    for where, needed in (("vllm.v1.attention.backend:CommonAttentionMetadata", COMMON_ATTENTION_FIELDS),
+                          ("vllm.v1.kv_cache_interface:AttentionSpec", ATTENTION_SPEC_FIELDS)):
+        check_dataclass_fields(where, needed, [f.name for f in fields(_resolve(where))], version)
+
+
+def check_source_dump(dump: dict, version: str) -> None:
+    """The same checks against a dump of another release's source
+    (``vllm_affinity_tools.vllm_seams``: releases that cannot be installed here)."""
+    for seam in SEAMS:
+        if seam.where not in dump["seams"]:
+            raise _missing(seam, version)
+        _compare(seam, dump["seams"][seam.where], version)
+    check_dataclass_fields("vllm.v1.attention.backend:CommonAttentionMetadata", COMMON_ATTENTION_FIELDS,
+                           dump["fields"]["vllm.v1.attention.backend:CommonAttentionMetadata"], version)
+    check_dataclass_fields("vllm.v1.kv_cache_interface:AttentionSpec", ATTENTION_SPEC_FIELDS,
+                           dump["fields"]["vllm.v1.kv_cache_interface:AttentionSpec"], version)
 
 
 # -- version-dependent behaviour ----------------------------------------------------------------

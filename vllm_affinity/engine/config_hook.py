@@ -69,7 +69,9 @@ class AffinityConfigHook(VerifyAndUpdateConfig):
         if sched.scheduler_cls not in (None, SCHEDULER_CLS):
             raise ValueError(f"vllm-affinity: the deep stage needs scheduler_cls={SCHEDULER_CLS}, "
                              f"got {sched.scheduler_cls}")
-        if getattr(sched, "async_scheduling", False):
+        # None means "decide later" and becomes True on GPU after this hook: set it False
+        # explicitly (the runner hands merge failures back on the synchronous output)
+        if sched.async_scheduling is not False:
             sched.async_scheduling = False
             logger.info("vllm-affinity: async scheduling disabled (deep stage)")
         sched.scheduler_cls = SCHEDULER_CLS

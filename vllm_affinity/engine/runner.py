@@ -167,7 +167,8 @@ class AffinityRunnerMixin:
                 is_prefilling=None,
             )
             for attn_group in self.attn_groups[gid]:
-                md = attn_group.get_metadata_builder(0).build(0, cm)
+                # build_metadata maps the block table to the kernel's block size, as stock does
+                md = attn_group.build_metadata(cm)
                 for name in attn_group.layer_names:
                     attn_metadata[name] = md
         return attn_metadata, spec_cm

@@ -1,0 +1,107 @@
+"""The compat layer: every private vLLM seam checked against the running vLLM (0.32.0,
+the CPU build) and against vLLM 0.33.0's source (no CPU build exists, so its seams are
+read from the wheel's Python files into tests/data/vllm-0.33.0-seams.json by
+``python -m vllm_affinity_tools.vllm_seams``); the version-dependent branches at unit
+level with 0.33's real data shapes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_affinity import compat
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_running_vllm_passes_every_seam():
+    compat.check()
+
+
+def test_source_reader_agrees_with_live_inspection():
+    """The offline reader gives, on the installed 0.32 source, exactly what inspect gives."""
+    import vllm
+
+    from vllm_affinity_tools import vllm_seams
+
+    dump = vllm_seams.dump(Path(vllm.__file__).parents[1])
+    assert set(dump["seams"]) == {s.where for s in compat.SEAMS}
+    for seam in compat.SEAMS:
+        if seam.params is not None:
+            assert dump["seams"][seam.where] == compat._positional_names(compat._resolve(seam.where)), seam.where
+    compat.check_source_dump(dump, "0.32.0")
+
+
+def test_vllm_033_source_passes_every_seam():
+    dump = json.loads((DATA / "vllm-0.33.0-seams.json").read_text())
+    compat.check_source_dump(dump, "0.33.0")
+    # 0.33's AttentionSpec gains kw-only fields with defaults (is_draft, ...): the deep spec copies them
+    assert "is_draft" in dump["fields"]["vllm.v1.kv_cache_interface:AttentionSpec"]
+
+
+def test_changed_signature_fails_naming_the_seam():
+    dump = json.loads((DATA / "vllm-0.33.0-seams.json").read_text())
+    where = "vllm.v1.worker.gpu_model_runner:GPUModelRunner._get_slot_mappings"
+    dump["seams"][where] = ["num_tokens", "num_reqs"]
+    with pytest.raises(compat.VllmSeamError, match=r"GPUModelRunner\._get_slot_mappings takes \(num_tokens, num_reqs\)"):
+        compat.check_source_dump(dump, "0.34.0")
+    del dump["seams"][where]
+    with pytest.raises(compat.VllmSeamError, match=r"has no .*GPUModelRunner\._get_slot_mappings.*compacted KV slots"):
+        compat.check_source_dump(dump, "0.34.0")
+
+
+def test_register_fails_naming_a_missing_seam(monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    import vllm_affinity
+
+    monkeypatch.delattr(Scheduler, "_try_schedule_encoder_inputs")
+    with pytest.raises(compat.VllmSeamError, match=r"Scheduler\._try_schedule_encoder_inputs"):
+        vllm_affinity.register()
+
+
+def test_unsupported_release_is_refused(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    with pytest.raises(compat.VllmSeamError, match=r"supports vLLM 0\.32\.0, 0\.33\.0; this is vLLM 0\.34\.0"):
+        compat.check()
+
+
+def test_chunk_split_guard_only_where_vllm_needs_it():
+    assert compat.needs_chunk_split_guard("0.32.0")
+    assert not compat.needs_chunk_split_guard("0.33.0")
+    assert not compat.needs_chunk_split_guard("0.33.1")
+
+
+def test_failed_merge_on_032_shape_is_a_set_of_ids():
+    sched = SimpleNamespace(grammar_compile_error_reqs=set())
+    compat.fail_requests(sched, ["a", "b"], "why")
+    assert sched.grammar_compile_error_reqs == {"a", "b"}
+
+
+def test_failed_merge_on_033_shape_carries_the_message():
+    """0.33: dict[str, RequestError]; the output processor turns a RequestError with a
+    code other than validation_error into GenerationError(message): HTTP 500 whose body
+    is the plugin's message, not a bare 'Internal server error'."""
+    from vllm.outputs import RequestError
+
+    sched = SimpleNamespace(grammar_compile_error_reqs={})
+    compat.fail_requests(sched, ["r1"], "vllm-affinity: deep merge failed for this request")
+    err = sched.grammar_compile_error_reqs["r1"]
+    assert isinstance(err, RequestError)
+    assert (err.code, err.retryable) == ("internal_error", False)
+    assert "vllm-affinity: deep merge failed" in err.message
+
+
+def test_package_root_import_does_not_import_vllm():
+    import subprocess
+
+    code = "import sys, vllm_affinity, vllm_affinity.config, vllm_affinity.architectures; " \
+           "import vllm_affinity.pooling, vllm_affinity.plan, vllm_affinity.accounting, vllm_affinity.compat; " \
+           "assert 'vllm' not in sys.modules, 'vllm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
