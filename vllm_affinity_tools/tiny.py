@@ -57,30 +57,37 @@ you are a helpful assistant. system user assistant. describe the sound. 01234567
 """
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(
+    vocab_size: int, special_tokens: list[str] | None = None, chat_template: str | None = None
+):
+    """Byte-level BPE over ``_CORPUS`` with ``special_tokens`` (default: Qwen2-Audio's;
+    the first is the pad token, ``<|im_end|>`` must be among them: it is eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    special_tokens = SPECIAL_TOKENS if special_tokens is None else list(special_tokens)
+    chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(special_tokens),
         special_tokens=[],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special_tokens)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        pad_token=special_tokens[0],
         unk_token=None,
         bos_token=None,
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=special_tokens[1:],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 

@@ -382,6 +382,8 @@ class AffinityModelMixin:
     """Mix in front of the architecture's vLLM model class. Subclasses set ``ARCH``."""
 
     ARCH: ClassVar[str]
+    #: the adapter encodes the real audio length when the SPEC asks (encoder_real_length)
+    SUPPORTS_ENCODER_REAL_LENGTH: ClassVar[bool] = False
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         refuse_additional_config(vllm_config)
@@ -402,7 +404,10 @@ class AffinityModelMixin:
 
     # -- what an adapter may override -----------------------------------------------------------
     def describe(self) -> str:
-        return f"{self.affinity_facts.name} with Affinity Pooling, {self.affinity.describe()}"
+        line = f"{self.affinity_facts.name} with Affinity Pooling, {self.affinity.describe()}"
+        if self.affinity.encoder_real_length and not self.SUPPORTS_ENCODER_REAL_LENGTH:
+            line += f" (encoder_real_length is ignored for {self.affinity_facts.name}: its encoder runs as stock)"
+        return line
 
     def decoder(self):
         """The decoder stack (``embed_input_ids``, ``layers``, ``norm``) the deep stage drives;

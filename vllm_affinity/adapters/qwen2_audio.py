@@ -111,6 +111,7 @@ class AffinityQwen2AudioForConditionalGeneration(AffinityModelMixin, Qwen2AudioF
     """Stock Qwen2-Audio whose audio embeddings are pooled to the processor's count."""
 
     ARCH = ARCH
+    SUPPORTS_ENCODER_REAL_LENGTH = True
 
     def _process_audio_input(self, audio_input):
         if not self.affinity.encoder_real_length or audio_input["type"] != "audio_features":

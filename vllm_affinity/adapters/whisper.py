@@ -47,11 +47,17 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .. import accounting, pooling
 from ..config import REQUEST_KEEP_RATIO_KEY, AffinityConfig
-from .base import AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin
+from ..architectures import facts_for
+from .base import AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin, validated_config
 
 logger = logging.getLogger("vllm.affinity")
 
 ARCH = "WhisperForConditionalGeneration"
+
+
+def whisper_config(hf_config) -> AffinityConfig:
+    """The server SPEC (``hf_overrides.affinity``), validated for Whisper (no deep stage)."""
+    return validated_config(facts_for(ARCH), hf_config)
 
 
 def describe(cfg: AffinityConfig, frames: int) -> str:

@@ -1,6 +1,14 @@
 """Hugging Face transformers implementations of the same method: the ground truth
 for parity tests and the place for modes vLLM cannot run (threshold scan)."""
 
-from .qwen2_audio import ReferenceOutput, ReferenceQwen2Audio, calibrate_keep_ratio
+from .audioflamingo3 import ReferenceAudioFlamingo3
+from .base import ReferenceOutput, ReferenceSpeechLM, calibrate_keep_ratio
+from .qwen2_audio import ReferenceQwen2Audio
 
-__all__ = ["ReferenceQwen2Audio", "ReferenceOutput", "calibrate_keep_ratio"]
+__all__ = [
+    "ReferenceSpeechLM",
+    "ReferenceQwen2Audio",
+    "ReferenceAudioFlamingo3",
+    "ReferenceOutput",
+    "calibrate_keep_ratio",
+]

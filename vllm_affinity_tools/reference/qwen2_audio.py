@@ -3,20 +3,13 @@
 Same weights, same pooling functions (:mod:`vllm_affinity.pooling`), no vLLM.
 The audio path mirrors transformers' own forward (encoder with the padding mask,
 projector, drop padded frames); the pooled embeddings replace K placeholder tokens
-and a plain greedy loop with the HF KV cache produces tokens and per-step
-log-probabilities over the whole vocabulary (fp32).
-
-Optional deep merge stage (``deep_merge_layer=L``): decoder layers 0..L run on the
-full prompt (positions 0..T-1); each audio span of the output of layer L is merged
-again (groups chosen on that hidden state, rows = group means, positions = floor of
-the mean member position); layers L+1.. run on the compacted sequence with those
-positions and hold a compacted KV cache. Decode tokens keep their original
-positions (T, T+1, ...) in every layer.
+(``<|AUDIO|>``) and the greedy loops of :class:`~.base.ReferenceSpeechLM` (plain, or
+the deep merge stage after decoder layer ``deep_merge_layer``) produce tokens and
+per-step log-probabilities over the whole vocabulary (fp32).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Literal
 
@@ -25,40 +18,17 @@ import torch
 
 from vllm_affinity import pooling
 
-TARGET_SR = 16000
+from .base import (  # noqa: F401  (re-exported: older imports name this module)
+    TARGET_SR,
+    ReferenceOutput,
+    ReferenceSpeechLM,
+    _causal_mask,
+    calibrate_keep_ratio,
+    to_16k_mono,
+)
 
 
-def to_16k_mono(audio: np.ndarray, sr: int) -> np.ndarray:
-    """Resample as vLLM's soxr path does (``soxr.resample``, default quality)."""
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim == 2:  # (samples, channels) -> mono
-        audio = audio.mean(axis=1)
-    if sr != TARGET_SR:
-        import soxr
-
-        audio = soxr.resample(audio, int(sr), TARGET_SR)
-    return audio
-
-
-@dataclass
-class ReferenceOutput:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[torch.Tensor] = field(repr=False)  # per step, (vocab,) fp32 log-softmax
-    audio_tokens_in: list[int] = field(default_factory=list)
-    audio_tokens_kept: list[int] = field(default_factory=list)
-    # deep merge stage (empty / None when off): K per audio after layer L, and the
-    # number of KV entries the layers above L hold at the end of generation
-    deep_tokens_kept: list[int] = field(default_factory=list)
-    deep_kv_len: int | None = None
-
-
-def _causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (1, 1, n, n) mask: 0 where key <= query, -inf above the diagonal."""
-    return torch.full((n, n), float("-inf"), dtype=dtype).triu(1)[None, None]
-
-
-class ReferenceQwen2Audio:
+class ReferenceQwen2Audio(ReferenceSpeechLM):
     def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
@@ -123,25 +93,6 @@ class ReferenceQwen2Audio:
         proj = self.model.model.multi_modal_projector(hidden)
         return [proj[i, : int(out_lens[i])] for i in range(b)]
 
-    @staticmethod
-    def pool(
-        embeds: torch.Tensor,
-        *,
-        keep_ratio: float = 1.0,
-        method: pooling.Method = "affinity",
-        window: int = 1,
-        mode: Literal["exact", "threshold"] = "exact",
-        tau: float | None = None,
-    ) -> torch.Tensor:
-        if mode == "threshold":
-            if tau is None:
-                raise ValueError("threshold mode needs tau")
-            sizes = pooling.threshold_sizes(embeds, tau, window)
-        else:
-            k = pooling.num_kept(embeds.shape[0], keep_ratio)
-            sizes = pooling.group_sizes(embeds, k, method, window)
-        return pooling.merge(embeds, sizes)
-
     # -- generation -------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -172,168 +123,21 @@ class ReferenceQwen2Audio:
         that layer's output to group ``sizes`` (default: ``pooling.group_sizes`` with
         ``num_kept(m, deep_keep_ratio)``, ``deep_method``, ``deep_window``).
         """
-        n_layers = int(self.model.model.language_model.config.num_hidden_layers)
-        if deep_merge_layer is not None:
-            if isinstance(deep_merge_layer, bool) or not isinstance(deep_merge_layer, int):
-                raise ValueError(f"deep_merge_layer must be an int or None, got {deep_merge_layer!r}")
-            if not 0 <= deep_merge_layer <= n_layers - 2:
-                raise ValueError(
-                    f"deep_merge_layer must be in [0, {n_layers - 2}] (num_layers - 2) for a "
-                    f"{n_layers}-layer decoder, got {deep_merge_layer}"
-                )
-            attn_impl = self.model.model.language_model.config._attn_implementation
-            if attn_impl not in ("eager", "sdpa"):
-                raise ValueError(f"deep_merge_layer needs eager or sdpa attention, model uses {attn_impl!r}")
-        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        n_slots = sum(1 for t in ids if t == self.audio_token_id)
-        if n_slots != len(audios):
-            raise ValueError(f"prompt has {n_slots} audio placeholders for {len(audios)} audios")
-        raw = self.audio_embeddings(audios, encoder_real_length, long_audio) if audios else []
-        if pool_fn is None:
-
-            def pool_fn(e: torch.Tensor) -> torch.Tensor:
-                return self.pool(e, keep_ratio=keep_ratio, method=method, window=window, mode=mode, tau=tau)
-
-        pooled = [pool_fn(e) for e in raw]
-        full: list[int] = []
-        spans: list[tuple[int, int]] = []  # (start, length) of each audio's run in `full`
-        it = iter(pooled)
-        for t in ids:
-            if t == self.audio_token_id:
-                m = int(next(it).shape[0])
-                spans.append((len(full), m))
-                full.extend([t] * m)
-            else:
-                full.append(t)
-        input_ids = torch.tensor([full])
-        lm = self.model.model.language_model
-        embeds = lm.get_input_embeddings()(input_ids)
-        if pooled:
-            audio_mask = input_ids[0] == self.audio_token_id
-            embeds[0, audio_mask] = torch.cat(pooled).to(embeds.dtype)
-
-        if deep_merge_layer is not None:
-            if deep_pool_fn is None:
-
-                def deep_pool_fn(x: torch.Tensor) -> torch.Tensor:
-                    k = pooling.num_kept(x.shape[0], deep_keep_ratio)
-                    return pooling.group_sizes(x, k, deep_method, deep_window)
-
-            out_ids, logprobs, deep_kept, deep_kv_len = self._generate_deep(
-                embeds, spans, max_new_tokens, deep_merge_layer, deep_pool_fn
-            )
-        else:
-            out_ids, logprobs = self._generate_plain(embeds, len(full), max_new_tokens)
-            deep_kept, deep_kv_len = [], None
-        return ReferenceOutput(
-            prompt_token_ids=full,
-            token_ids=out_ids,
-            logprobs=logprobs,
-            audio_tokens_in=[int(e.shape[0]) for e in raw],
-            audio_tokens_kept=[int(p.shape[0]) for p in pooled],
-            deep_tokens_kept=deep_kept,
-            deep_kv_len=deep_kv_len,
+        return super().generate(
+            prompt,
+            audios,
+            max_new_tokens=max_new_tokens,
+            keep_ratio=keep_ratio,
+            method=method,
+            window=window,
+            mode=mode,
+            tau=tau,
+            pool_fn=pool_fn,
+            deep_merge_layer=deep_merge_layer,
+            deep_keep_ratio=deep_keep_ratio,
+            deep_window=deep_window,
+            deep_method=deep_method,
+            deep_pool_fn=deep_pool_fn,
+            encoder_real_length=encoder_real_length,
+            long_audio=long_audio,
         )
-
-    def _generate_plain(self, embeds: torch.Tensor, prompt_len: int, max_new_tokens: int):
-        """Greedy decoding through transformers' own language-model forward."""
-        lm = self.model.model.language_model
-        out_ids: list[int] = []
-        logprobs: list[torch.Tensor] = []
-        past = None
-        step_in = embeds
-        pos = torch.arange(prompt_len)[None, :]
-        for _ in range(max_new_tokens):
-            o = lm(inputs_embeds=step_in, position_ids=pos, past_key_values=past, use_cache=True)
-            past = o.past_key_values
-            logits = self.model.lm_head(o.last_hidden_state[0, -1]).float()
-            nxt = int(torch.argmax(logits))
-            out_ids.append(nxt)
-            logprobs.append(torch.log_softmax(logits, dim=-1))
-            step_in = lm.get_input_embeddings()(torch.tensor([[nxt]]))
-            pos = pos[:, -1:] + 1
-        return out_ids, logprobs
-
-    def _generate_deep(
-        self,
-        embeds: torch.Tensor,
-        spans: list[tuple[int, int]],
-        max_new_tokens: int,
-        merge_layer: int,
-        deep_pool_fn: Callable[[torch.Tensor], torch.Tensor],
-    ) -> tuple[list[int], list[torch.Tensor], list[int], int]:
-        """Greedy loop driving the decoder layers one by one with the deep merge after
-        layer ``merge_layer``. Returns (tokens, logprobs, K per audio, deep KV length)."""
-        from transformers import DynamicCache
-
-        lm = self.model.model.language_model
-        layers = list(lm.layers)
-        shallow, deep = layers[: merge_layer + 1], layers[merge_layer + 1 :]
-        cache = DynamicCache(config=lm.config)  # per-layer caches, independent lengths
-        dtype = embeds.dtype
-        T = embeds.shape[1]
-
-        def run(stack, h, pos, mask):
-            pe = lm.rotary_emb(h, pos)
-            for layer in stack:
-                h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
-            return h
-
-        out_ids: list[int] = []
-        logprobs: list[torch.Tensor] = []
-        kept: list[int] = []
-        for step in range(max_new_tokens):
-            if step == 0:
-                # prefill: layers 0..L on the full prompt, positions 0..T-1
-                pos = torch.arange(T)[None, :]
-                x = run(shallow, embeds, pos, _causal_mask(T, dtype))[0]
-                rows, new_pos = [], []
-                cursor = 0
-                for start, m in spans:
-                    if start < cursor:
-                        raise ValueError("audio spans overlap")
-                    rows.append(x[cursor:start])
-                    new_pos.append(pos[0, cursor:start])
-                    if m > 0:
-                        span = x[start : start + m]
-                        sizes = torch.as_tensor(deep_pool_fn(span), dtype=torch.long).cpu()
-                        if sizes.dim() != 1 or int(sizes.sum()) != m or bool((sizes < 1).any()):
-                            raise ValueError(f"deep group sizes {sizes.tolist()} do not split a span of {m}")
-                        rows.append(pooling.merge(span, sizes))
-                        new_pos.append(pooling.merge_positions(pos[0, start : start + m], sizes))
-                        kept.append(int(sizes.numel()))
-                    else:
-                        kept.append(0)
-                    cursor = start + m
-                rows.append(x[cursor:])
-                new_pos.append(pos[0, cursor:])
-                h = torch.cat(rows)[None]
-                pos_c = torch.cat(new_pos)[None, :]
-                C = h.shape[1]
-                # layers L+1.. on the compacted sequence, merged positions, causal in compacted order
-                h = run(deep, h, pos_c, _causal_mask(C, dtype))
-            else:
-                # decode: original position T + step - 1 in every layer, one query sees all keys
-                pos = torch.tensor([[T + step - 1]])
-                h = lm.get_input_embeddings()(torch.tensor([[out_ids[-1]]]))
-                h = run(shallow, h, pos, None)
-                h = run(deep, h, pos, None)
-            logits = self.model.lm_head(lm.norm(h)[0, -1]).float()
-            lp = torch.log_softmax(logits, dim=-1)
-            nxt = int(torch.argmax(logits))
-            out_ids.append(nxt)
-            logprobs.append(lp)
-        deep_kv_len = int(cache.get_seq_length(merge_layer + 1)) if max_new_tokens > 0 else 0
-        return out_ids, logprobs, kept, deep_kv_len
-
-
-def calibrate_keep_ratio(
-    ref: ReferenceQwen2Audio, audios: list[tuple[np.ndarray, int]], tau: float, window: int = 1
-) -> float:
-    """The kept fraction that threshold mode at ``tau`` reaches on these audios:
-    the basis for choosing an exact-count ``keep_ratio`` for a threshold."""
-    kept = total = 0
-    for e in ref.audio_embeddings(audios):
-        kept += int(pooling.threshold_sizes(e, tau, window).numel())
-        total += int(e.shape[0])
-    return kept / max(total, 1)

@@ -1,0 +1,205 @@
+"""AudioFlamingo3, the third architecture on the adapter: both stages in the real vLLM
+CPU engine against the Hugging Face reference (vllm_affinity_tools.reference), on a
+tiny random-weight checkpoint with sharpened attention (vllm_affinity_tools.tiny_af3).
+
+Parity: same prompt ids, same greedy tokens, per-step log-probs within LOGPROB_TOL;
+deliberately wrong poolings are rejected; 'off' equals stock vLLM; the deep group's KV
+blocks read from the engine equal the plan and the accounting module; a real
+`vllm serve` answers an OpenAI audio chat request with the saving in usage."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from vllm_affinity import accounting
+from vllm_affinity import pooling as P
+from vllm_affinity.plan import DeepPlan
+
+from .conftest import CACHE, ENGINE_KW, ROOT, load_audio, run_engine_subprocess
+from .parity import LOGPROB_TOL, json_compare
+
+pytestmark = pytest.mark.engine
+
+AF3 = CACHE / "tiny-af3"
+MAX_NEW = 16
+SECONDS = (5.0, 12.0, 45.0)  # one window, one window, two windows (30 s + 15 s)
+RATIOS = (1.0, 0.74, 0.5)
+DEEP_SPEC = {"input": {"keep_ratio": 0.74}, "deep": {"merge_layer": 1, "keep_ratio": 0.3}}
+DEEP_REF = dict(keep_ratio=0.74, deep_merge_layer=1, deep_keep_ratio=0.3)
+BLOCK = 32
+
+
+@pytest.fixture(scope="session")
+def af3_model():
+    from vllm_affinity_tools.tiny_af3 import build
+
+    if not (AF3 / "model.safetensors").exists():
+        build(AF3)
+    return AF3
+
+
+@pytest.fixture(scope="session")
+def af3_clips():
+    from vllm_affinity_tools import speech
+
+    out = []
+    for i, s in enumerate(SECONDS):
+        path = CACHE / "clips-af3" / f"a{i}-{s:g}s.wav"
+        if not path.exists():
+            speech.utterance(s, path, seed=10 + i, voice=["en-us", "en-gb", "en-us+f3"][i], sample_rate=16000)
+        out.append(path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def af3_prompt():
+    from vllm_affinity_tools.tiny_af3 import prompt
+
+    return prompt("What does the speaker say?")
+
+
+@pytest.fixture(scope="session")
+def af3_ref(af3_model):
+    from vllm_affinity_tools.reference import ReferenceAudioFlamingo3
+
+    return ReferenceAudioFlamingo3(str(af3_model))
+
+
+def _job(model, prompt, requests, spec):
+    job = {"model": str(model), "prompt": prompt, "max_tokens": MAX_NEW, "logprobs": 20, "requests": requests}
+    if spec is not None:
+        job["hf_overrides"] = {"affinity": spec}
+    return job
+
+
+@pytest.fixture(scope="module")
+def af3_runs(af3_model, af3_clips, af3_prompt, tmp_path_factory):
+    """stock (plugin disabled); 'off' with per-request ratios; both stages."""
+    per_ratio = [{"audios": [str(c)], "mm_processor_kwargs": {"affinity_keep_ratio": r}}
+                 for r in RATIOS for c in af3_clips]
+    plain = [{"audios": [str(c)]} for c in af3_clips]
+    return {
+        "stock": run_engine_subprocess(_job(af3_model, af3_prompt, plain, None),
+                                       tmp_path_factory.mktemp("af3-stock"), env={"VLLM_PLUGINS": ""}),
+        "off": run_engine_subprocess(_job(af3_model, af3_prompt, plain + per_ratio, "off"),
+                                     tmp_path_factory.mktemp("af3-off")),
+        "deep": run_engine_subprocess(_job(af3_model, af3_prompt, plain, DEEP_SPEC),
+                                      tmp_path_factory.mktemp("af3-deep")),
+    }
+
+
+def _ref(af3_ref, prompt, clip, **kw):
+    return af3_ref.generate(prompt, [load_audio(clip)], max_new_tokens=MAX_NEW, **kw)
+
+
+def test_off_is_stock(af3_runs, af3_clips):
+    stock, off = af3_runs["stock"]["results"], af3_runs["off"]["results"][: len(af3_clips)]
+    assert "vllm-affinity" not in af3_runs["stock"]["log"]
+    for s, o in zip(stock, off):
+        assert o["prompt_token_ids"] == s["prompt_token_ids"]
+        assert o["token_ids"] == s["token_ids"]
+        # the 'off' engine batches these with 9 more requests: float noise only (~5e-7)
+        diff = max(abs(o["logprobs"][i][t] - v) for i, step in enumerate(s["logprobs"]) for t, v in step.items())
+        assert diff < 1e-5
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_input_stage_matches_reference(af3_runs, af3_clips, af3_ref, af3_prompt, ratio):
+    res = af3_runs["off"]["results"][len(af3_clips) * (1 + RATIOS.index(ratio)):][: len(af3_clips)]
+    for clip, r in zip(af3_clips, res):
+        ref = _ref(af3_ref, af3_prompt, clip, keep_ratio=ratio)
+        n = af3_ref.num_audio_tokens(len(load_audio(clip)[0]))
+        assert ref.audio_tokens_in == [n] and ref.audio_tokens_kept == [P.num_kept(n, ratio)]
+        parity = json_compare(r, ref)
+        assert parity.ok, f"{clip.name} ratio {ratio}: {parity}"
+
+
+def test_deep_stage_matches_reference(af3_runs, af3_clips, af3_ref, af3_prompt):
+    for clip, r in zip(af3_clips, af3_runs["deep"]["results"]):
+        ref = _ref(af3_ref, af3_prompt, clip, **DEEP_REF)
+        parity = json_compare(r, ref)
+        assert parity.ok, f"{clip.name}: {parity}"
+        assert ref.deep_tokens_kept == [P.num_kept(ref.audio_tokens_kept[0], 0.3)]
+
+
+WRONG = {
+    "input uniform bins": dict(DEEP_REF, method="uniform"),
+    "deep window 1": dict(DEEP_REF, deep_window=1),
+    "deep uniform bins": dict(DEEP_REF, deep_method="uniform"),
+    "merge one layer late": dict(DEEP_REF, deep_merge_layer=2),
+}
+
+
+@pytest.mark.parametrize("variant", list(WRONG))
+def test_wrong_pooling_is_rejected(af3_runs, af3_clips, af3_ref, af3_prompt, variant):
+    """The parity check is sensitive: each deliberately wrong pooling fails it."""
+    diffs = [json_compare(r, _ref(af3_ref, af3_prompt, clip, **WRONG[variant]))
+             for clip, r in zip(af3_clips, af3_runs["deep"]["results"])]
+    assert not any(p.ok for p in diffs), [str(p) for p in diffs]
+    assert max(p.max_logprob_diff for p in diffs) > 10 * LOGPROB_TOL
+
+
+def test_deep_kv_blocks_equal_the_plan(af3_model, af3_clips, af3_prompt, tmp_path):
+    long_prompt = af3_prompt.replace("<sound>", "hello " * 300 + "<sound>")
+    job = {"model": str(af3_model), "hf_overrides": {"affinity": DEEP_SPEC}, "prompt": af3_prompt,
+           "long_prompt": long_prompt, "audio": str(af3_clips[2]), "max_tokens": 4, "engine_kw": ENGINE_KW,
+           "engine_kw_extra": {"block_size": BLOCK, "enable_chunked_prefill": True}, "out": str(tmp_path / "o.json")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "kv_probe.py"), str(tmp_path / "job.json")],
+                       env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-5000:]
+    kv = json.loads((tmp_path / "o.json").read_text())
+    assert kv["groups"] == ["FullAttentionSpec", "AffinityDeepAttentionSpec"]
+    (offset, k_in), = kv["audio_ranges"]
+    assert k_in == P.num_kept(1125, 0.74)  # 45 s: 750 + 375 tokens before pooling
+    n = kv["num_computed_tokens"]
+    compacted = DeepPlan.from_ranges([(offset, k_in)], 0.3).compacted(n)
+    assert compacted == n - (k_in - P.num_kept(k_in, 0.3))
+    assert kv["blocks"] == accounting.KVLayout(4, 1).blocks_per_group(n, compacted, BLOCK)
+    assert kv["blocks"] == [math.ceil(n / BLOCK), math.ceil(compacted / BLOCK)]
+    assert kv["free_after_finish"] == kv["free_initial"] == kv["free_after_cancel"]
+
+
+def test_small_step_budget_still_answers_long_audio(af3_model, af3_clips, af3_prompt, tmp_path):
+    """Deep stage, max_num_batched_tokens=256 and a 45 s clip (831 placeholders, never
+    split): the config hook raises the budget to the longest audio, the request is answered."""
+    job = _job(af3_model, af3_prompt, [{"audios": [str(af3_clips[2])]}], "paper-aggressive")
+    job["engine_kw_extra"] = {"max_num_batched_tokens": 256}
+    out = run_engine_subprocess(job, tmp_path)
+    assert len(out["results"][0]["token_ids"]) == MAX_NEW
+    assert "max_num_batched_tokens 256 -> 3000" in out["log"]
+
+
+@pytest.mark.server
+def test_vllm_serve_answers_an_audio_chat_with_the_saving(af3_model, af3_clips, af3_ref, tmp_path):
+    from vllm_affinity_tools.demo import CPU_ARGS
+    from vllm_affinity_tools.serving import ServerProcess
+
+    clip = af3_clips[1]
+    n = af3_ref.num_audio_tokens(len(load_audio(clip)[0]))
+    k_in = P.num_kept(n, 0.7432)
+    messages = [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip.read_bytes()).decode(), "format": "wav"}},
+        {"type": "text", "text": "What does the speaker say?"}]}]
+    with ServerProcess(af3_model, ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS],
+                       log_path=tmp_path / "server.log", served_model_name="af3",
+                       env={"VLLM_LOGGING_LEVEL": "DEBUG"}) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=120)
+        pooled = client.chat.completions.create(model="af3", messages=messages, max_tokens=4, temperature=0)
+        stock = client.chat.completions.create(model="af3", messages=messages, max_tokens=4, temperature=0,
+                                               extra_body={"mm_processor_kwargs": {"affinity_keep_ratio": 1.0}})
+        log = srv.log()
+    assert stock.usage.prompt_tokens - pooled.usage.prompt_tokens == n - k_in > 0
+    assert pooled.choices[0].finish_reason == "length"
+    assert f"vllm-affinity: audio tokens [{n}] -> [{k_in}] (keep_ratio=0.7432)" in log
+    assert "vllm-affinity: AudioFlamingo3 with Affinity Pooling, input stage: keep_ratio=0.7432" in log
+    assert "Traceback" not in log

@@ -1,0 +1,213 @@
+"""Build a tiny random-weight AudioFlamingo3 checkpoint, fully offline.
+
+    python -m vllm_affinity_tools.tiny_af3 OUT_DIR [--layers N] [--hidden H] [--heads A]
+                                             [--kv-heads K] [--seed S] [--sharpen F]
+                                             [--max-audio-len SECONDS]
+
+The AudioFlamingo3 sibling of :mod:`vllm_affinity_tools.tiny` (same tokenizer
+builder, same weight-name rewrite, same sharpening): byte-level BPE tokenizer with
+AF3's ``<sound>`` placeholder as a special token, a 128-bin Whisper feature
+extractor, ``AudioFlamingo3Processor`` (``audio_token="<sound>"``, ``max_audio_len``),
+a chat template that renders ``<sound>`` per audio part before the text (AF3's
+layout: ``<|im_start|>user\\n<sound>QUESTION<|im_end|>``), and weights saved under the
+hub's names (``audio_tower.*``, ``multi_modal_projector.*``,
+``language_model.model.*``, ``language_model.lm_head.*``) which vLLM's AF3 loader
+expects. The build reloads the checkpoint in transformers and fails on missing,
+unexpected or mismatched keys.
+
+Shapes: the audio encoder keeps Whisper's 1500 positions (transformers' AF3 encoder
+adds all 1500 position rows, so inputs must be 3000 mel frames = 30 s windows);
+d_model 128 with 2 heads (head_dim 64); the Qwen2 text model has head_dim 64.
+
+``max_audio_len`` (seconds, default 60) caps the windows per audio
+(``max_audio_len // 30``). vLLM's AF3 profiling feeds a dummy audio of exactly
+``max_audio_len`` seconds, i.e. ``750 * max_audio_len / 30`` audio tokens; AF3's own
+600 s would be 15000 tokens, far above the test engines' ``max_model_len`` 2048.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .tiny import _hub_name, build_tokenizer
+
+AUDIO_TOKEN = "<sound>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_TOKEN]
+
+# AF3 renders the audio placeholder first, then the message's text. One <sound> per
+# audio part (the hub template emits at most one per message; vLLM accepts one audio
+# per prompt for AF3, where both agree). Audio parts in vLLM's (`{"type": "audio"}`)
+# and transformers' (`{"type": "audio", "audio": ...}`) shapes.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages if m['content'] is not none %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% set text_buf = namespace(v='') %}"
+    "{% for c in m['content'] %}"
+    "{% if c['type'] in ['audio', 'audio_url', 'input_audio'] or 'audio' in c %}<sound>"
+    "{% elif 'text' in c %}{% set text_buf.v = text_buf.v + c['text'] %}{% endif %}"
+    "{% endfor %}{{ text_buf.v }}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def prompt(question: str, n_audios: int = 1, system: str = "You are a helpful assistant.") -> str:
+    """The rendered AF3 prompt (what the chat template produces for one user turn)."""
+    return (
+        f"<|im_start|>system\n{system}<|im_end|>\n"
+        f"<|im_start|>user\n{AUDIO_TOKEN * n_audios}{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def build(
+    out_dir: str | Path,
+    *,
+    layers: int = 4,
+    hidden: int = 256,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    sharpen: float = 8.0,
+    audio_layers: int = 2,
+    audio_d_model: int = 128,
+    audio_heads: int = 2,
+    vocab_size: int = 512,
+    max_audio_len: int = 60,
+    verify: bool = True,
+) -> Path:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (
+        AudioFlamingo3Config,
+        AudioFlamingo3ForConditionalGeneration,
+        AudioFlamingo3Processor,
+        WhisperFeatureExtractor,
+    )
+
+    if hidden % heads or heads % kv_heads:
+        raise ValueError("--hidden must be divisible by --heads, --heads by --kv-heads")
+    if hidden // heads < 32:
+        raise ValueError(f"head_dim = hidden / heads = {hidden // heads}; vLLM's CPU attention needs >= 32")
+    if audio_d_model % audio_heads or audio_d_model // audio_heads < 32:
+        raise ValueError("audio head_dim = audio_d_model / audio_heads must be an integer >= 32")
+    if max_audio_len < 30:
+        raise ValueError("max_audio_len must be >= 30 s (one window)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE)
+    fe = WhisperFeatureExtractor(
+        feature_size=128, sampling_rate=16000, chunk_length=30, return_attention_mask=True
+    )
+    processor = AudioFlamingo3Processor(
+        feature_extractor=fe,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        audio_token=AUDIO_TOKEN,
+        max_audio_len=max_audio_len,
+    )
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    vocab = len(tokenizer)
+
+    config = AudioFlamingo3Config(
+        audio_config={
+            "model_type": "audioflamingo3_encoder",
+            "num_mel_bins": 128,
+            "encoder_layers": audio_layers,
+            "encoder_attention_heads": audio_heads,
+            "encoder_ffn_dim": audio_d_model * 2,
+            "d_model": audio_d_model,
+            "max_source_positions": 1500,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+            "bos_token_id": eot,
+            "eos_token_id": im_end,
+        },
+        audio_token_id=audio_id,
+    )
+    config.architectures = ["AudioFlamingo3ForConditionalGeneration"]
+    config.dtype = "float32"
+
+    torch.manual_seed(seed)
+    model = AudioFlamingo3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    state = {_hub_name(k): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    gen = {"eos_token_id": im_end, "pad_token_id": eot, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if verify:
+        check_reload(out, model.state_dict())
+    return out
+
+
+def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
+    """transformers reloads ``model_dir`` with no missing, unexpected or mismatched
+    keys (and, given ``expected``, the very same tensors)."""
+    import torch
+    from transformers import AudioFlamingo3ForConditionalGeneration
+
+    model, info = AudioFlamingo3ForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=torch.float32, output_loading_info=True
+    )
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise RuntimeError(f"transformers reload of {model_dir} is not clean: {bad}")
+    if expected is not None:
+        got = model.state_dict()
+        if set(got) != set(expected):
+            raise RuntimeError(f"reloaded keys differ: {sorted(set(got) ^ set(expected))[:10]}")
+        for k, v in expected.items():
+            if not torch.equal(got[k], v):
+                raise RuntimeError(f"reloaded tensor {k} differs from the saved one")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m vllm_affinity_tools.tiny_af3", description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sharpen", type=float, default=8.0, help="scale of text q/k weights (default 8)")
+    p.add_argument("--max-audio-len", type=int, default=60, help="seconds per audio, multiple of 30 (default 60)")
+    a = p.parse_args(argv)
+    out = build(
+        a.out_dir,
+        layers=a.layers,
+        hidden=a.hidden,
+        heads=a.heads,
+        kv_heads=a.kv_heads,
+        seed=a.seed,
+        sharpen=a.sharpen,
+        max_audio_len=a.max_audio_len,
+    )
+    print(f"tiny AudioFlamingo3 written to {out}")
+
+
+if __name__ == "__main__":
+    main()
