@@ -104,30 +104,17 @@ def make_clips(buckets: list[float]) -> dict[float, Path]:
     return clips
 
 
-# -- analytic FLOPs ------------------------------------------------------------------------
+# -- analytic FLOPs and KV: vllm_affinity.accounting (the one definition) ----------------------
 def lm_prefill_flops(cfg: dict, tokens: int, deep_layer: int | None = None, deep_tokens: int | None = None) -> float:
-    """2 * params-FLOPs per token plus attention (QK^T and AV), per layer."""
-    t = cfg["text_config"]
-    h, inter, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
-    kv = t["num_key_value_heads"] * h // t["num_attention_heads"]
-    per_token = 2 * (h * h + 2 * h * kv + h * h + 3 * h * inter)
+    from vllm_affinity.accounting import lm_prefill_flops as flops
 
-    def layer(n):
-        return per_token * n + 2 * 2 * h * n * n / 2  # causal attention: half the square
-
-    if deep_layer is None:
-        total = layers * layer(tokens)
-    else:
-        total = (deep_layer + 1) * layer(tokens) + (layers - deep_layer - 1) * layer(deep_tokens)
-    return total + 2 * h * t["vocab_size"]  # lm_head on the last token
+    return flops(cfg["text_config"], tokens, deep_layer, deep_tokens)
 
 
 def encoder_flops(cfg: dict, positions: int) -> float:
-    a = cfg["audio_config"]
-    d, ffn, layers = a["d_model"], a["encoder_ffn_dim"], a["encoder_layers"]
-    conv = 2 * (3 * 128 * d * positions * 2 + 3 * d * d * positions)
-    per_layer = 2 * positions * (4 * d * d + 2 * d * ffn) + 2 * 2 * d * positions * positions
-    return conv + layers * per_layer + 2 * d * cfg["text_config"]["hidden_size"] * positions // 2
+    from vllm_affinity.accounting import whisper_encoder_flops
+
+    return whisper_encoder_flops(cfg["audio_config"], positions, cfg["text_config"]["hidden_size"])
 
 
 # -- one engine process --------------------------------------------------------------------
@@ -353,15 +340,13 @@ def layer_of(variant: str) -> int | None:
 
 
 def kv_layer_blocks(v: dict, merge_layer: int | None, n_layers: int, block: int = 32) -> int:
-    """Analytic KV of one prefilled request, in (layer x block) units: every layer holds
-    ceil(prompt / block) blocks; with a deep stage the layers above it hold the compacted
-    prompt (text + deep-kept audio tokens) instead."""
-    blocks = lambda t: -(-t // block)  # noqa: E731
-    if merge_layer is None:
-        return n_layers * blocks(v["prompt"])
-    layer = merge_layer % n_layers
-    deep_prompt = v["prompt"] - v["k_in"] + v["k_deep"]
-    return (layer + 1) * blocks(v["prompt"]) + (n_layers - layer - 1) * blocks(deep_prompt)
+    """Analytic KV of one prefilled request in (layer x block) units, as vLLM groups the
+    layers into KV-cache groups (padding included): :mod:`vllm_affinity.accounting`."""
+    from vllm_affinity.accounting import KVLayout, RequestTokens
+
+    layout = KVLayout(n_layers, None if merge_layer is None else merge_layer % n_layers)
+    tokens = RequestTokens(v["prompt"], v["n"], v["k_in"], v["k_deep"])
+    return layout.layer_blocks(tokens.prompt, tokens.deep_prompt, block)
 
 
 def write_outputs(a, rows: list[dict], runs: list[dict], dtype: str) -> None:

@@ -2,7 +2,8 @@
 
 Engine starts dominate the suite's time (~15 s each), so the in-process engine is
 session-scoped and serves every parity test through per-request keep ratios.
-Other server configurations run in subprocesses (tests/helpers/run_engine.py).
+Other server configurations run in subprocesses (tests/helpers/engine_job.py, the one
+subprocess-engine helper, through run_engine_subprocess).
 """
 
 from __future__ import annotations
@@ -93,13 +94,14 @@ def load_audio(path: Path):
 
 
 def run_engine_subprocess(job: dict, tmp_path: Path, env: dict | None = None) -> dict:
-    """Run tests/helpers/run_engine.py in a fresh process (its own plugin set)."""
+    """Run tests/helpers/engine_job.py in a fresh process (its own plugin set) on ``job``
+    (its "task": generate, kv_probe or whisper; engine settings default to ENGINE_KW)."""
     job_file = tmp_path / "job.json"
     out_file = tmp_path / "out.json"
-    job_file.write_text(json.dumps({**job, "engine_kw": ENGINE_KW, "out": str(out_file)}))
+    job_file.write_text(json.dumps({"engine_kw": ENGINE_KW, **job, "out": str(out_file)}))
     full_env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
     r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "helpers" / "run_engine.py"), str(job_file)],
+        [sys.executable, str(ROOT / "tests" / "helpers" / "engine_job.py"), str(job_file)],
         env=full_env, capture_output=True, text=True, timeout=600,
     )
     if r.returncode != 0:

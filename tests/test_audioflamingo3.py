@@ -10,11 +10,7 @@ blocks read from the engine equal the plan and the accounting module; a real
 from __future__ import annotations
 
 import base64
-import json
 import math
-import os
-import subprocess
-import sys
 
 import openai
 import pytest
@@ -23,7 +19,7 @@ from vllm_affinity import accounting
 from vllm_affinity import pooling as P
 from vllm_affinity.plan import DeepPlan
 
-from .conftest import CACHE, ENGINE_KW, ROOT, load_audio, run_engine_subprocess
+from .conftest import CACHE, ENGINE_KW, load_audio, run_engine_subprocess
 from .parity import LOGPROB_TOL, json_compare
 
 pytestmark = pytest.mark.engine
@@ -152,12 +148,7 @@ def test_deep_kv_blocks_equal_the_plan(af3_model, af3_clips, af3_prompt, tmp_pat
     job = {"model": str(af3_model), "hf_overrides": {"affinity": DEEP_SPEC}, "prompt": af3_prompt,
            "long_prompt": long_prompt, "audio": str(af3_clips[2]), "max_tokens": 4, "engine_kw": ENGINE_KW,
            "engine_kw_extra": {"block_size": BLOCK, "enable_chunked_prefill": True}, "out": str(tmp_path / "o.json")}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "kv_probe.py"), str(tmp_path / "job.json")],
-                       env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-5000:]
-    kv = json.loads((tmp_path / "o.json").read_text())
+    kv = run_engine_subprocess({**job, "task": "kv_probe"}, tmp_path)
     assert kv["groups"] == ["FullAttentionSpec", "AffinityDeepAttentionSpec"]
     (offset, k_in), = kv["audio_ranges"]
     assert k_in == P.num_kept(1125, 0.74)  # 45 s: 750 + 375 tokens before pooling

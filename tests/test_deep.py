@@ -9,19 +9,16 @@ managers, cancellation and preemption, edge audio.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from vllm_affinity import accounting
 from vllm_affinity import pooling as P
 from vllm_affinity.plan import DeepPlan
 
-from .conftest import CACHE, ENGINE_KW, PROMPT, ROOT, load_audio, run_engine_subprocess
+from .conftest import CACHE, ENGINE_KW, PROMPT, load_audio, run_engine_subprocess
 from .parity import json_compare
 
 pytestmark = pytest.mark.engine
@@ -166,12 +163,7 @@ def _probe(tiny_model, spec, audio, tmp_path, budget):
            "engine_kw": ENGINE_KW,
            "engine_kw_extra": {"block_size": BLOCK, "max_num_batched_tokens": budget,
                                              "enable_chunked_prefill": True}, "out": str(tmp_path / "o.json")}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "kv_probe.py"), str(tmp_path / "job.json")],
-                       env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-5000:]
-    return json.loads((tmp_path / "o.json").read_text())
+    return run_engine_subprocess({**job, "task": "kv_probe"}, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +181,17 @@ def test_kv_layout_stock_when_deep_off(kv_off):
     assert kv_off["groups"] == ["FullAttentionSpec"]
     n = kv_off["num_computed_tokens"]
     assert kv_off["blocks"] == [math.ceil(n / BLOCK)]
+
+
+def test_accounting_equals_engine_blocks(kv_on, kv_off):
+    """vllm_affinity.accounting (used by the metrics and the benchmarks) predicts the
+    blocks the engine's KV-cache managers hold, with and without the deep stage."""
+    (offset, n_audio), = kv_on["audio_ranges"]
+    n = kv_on["num_computed_tokens"]
+    compacted = DeepPlan.from_ranges([(offset, n_audio)], 0.1).compacted(n)
+    assert kv_on["blocks"] == accounting.KVLayout(N_LAYERS, 1).blocks_per_group(n, compacted, BLOCK)
+    m = kv_off["num_computed_tokens"]
+    assert kv_off["blocks"] == accounting.KVLayout(N_LAYERS).blocks_per_group(m, m, BLOCK)
 
 
 def test_30s_utterance_holds_exactly_the_compacted_deep_blocks(kv_on, kv_off):
@@ -238,3 +241,18 @@ def test_merge_layer_out_of_range_stops_start_up(tiny_model, tmp_path):
            "max_tokens": 1, "logprobs": 0, "requests": []}
     with pytest.raises(AssertionError, match=r"deep.merge_layer=3 resolves to layer 3, but this model has 4"):
         run_engine_subprocess(job, tmp_path)
+
+
+@pytest.mark.parametrize("spec, budget_after", [
+    ("paper-aggressive", 3000),  # 30 s windows up to 120 s: 4 x 750 placeholders
+    (spec_of(1, 0.3, 0.74), 750),  # one 30 s window
+])
+def test_small_step_budget_still_answers_a_30s_clip(tiny_model, clips, tmp_path, spec, budget_after):
+    """As a new user would try it: max_num_batched_tokens=256 with a deep stage and a 30 s
+    clip (750 placeholders, never split across steps). The config hook raises the step
+    budget to the longest audio (logged); the request is answered, not left waiting."""
+    job = {"model": str(tiny_model), "hf_overrides": {"affinity": spec}, "prompt": PROMPT, "max_tokens": 4,
+           "logprobs": 0, "requests": [{"audios": [str(clips[4])]}], "engine_kw_extra": {"max_num_batched_tokens": 256}}
+    out = run_engine_subprocess(job, tmp_path)
+    assert len(out["results"][0]["token_ids"]) == 4
+    assert f"max_num_batched_tokens 256 -> {budget_after}" in out["log"]

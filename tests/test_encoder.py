@@ -4,14 +4,12 @@ outputs as the stock 30 s window, in the reference and in the vLLM engine."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from vllm_affinity import encoder as E
 
 from .conftest import MAX_NEW, PROMPT, load_audio, run_engine_subprocess
 from .parity import json_compare
 
-pytestmark = pytest.mark.engine
 
 TOL = 1e-5  # measured ~2.5e-7 on the tiny model (fp32)
 
@@ -45,6 +43,7 @@ def test_output_lengths_match_the_stock_formula():
         assert E.encoder_output_lengths(frames) == (feat, (feat - 2) // 2 + 1)
 
 
+@pytest.mark.engine
 def test_engine_with_real_length_encoder_matches_reference(tiny_model, clips, reference, tmp_path):
     spec = {"input": {"keep_ratio": 0.5}, "encoder_real_length": True}
     job = {"model": str(tiny_model), "hf_overrides": {"affinity": spec}, "prompt": PROMPT,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 import urllib.request
 
@@ -15,6 +14,7 @@ import openai
 import pytest
 
 from benchmarks.load_test import SERVER_SPEC, build_requests, make_clips, run_load
+from vllm_affinity import accounting
 from vllm_affinity import pooling as P
 from vllm_affinity_tools import speech
 from vllm_affinity_tools.demo import CPU_ARGS
@@ -203,9 +203,10 @@ def test_metrics_count_exactly(server, client, load_clips, reference):
         k_in = P.num_kept(n, ratio or SERVER_SPEC["input"]["keep_ratio"])
         k_deep = P.num_kept(k_in, SERVER_SPEC["deep"]["keep_ratio"])
         t = r.usage.prompt_tokens
-        b = lambda x: math.ceil(x / BLOCK)  # noqa: E731
-        # 4 layers, merge after layer 1: one KV group of 2 layers below, one above
-        expect["blocks"] += (2 * (b(t + n - k_in) - b(t)) + 2 * (b(t + n - k_in) - b(t - k_in + k_deep))) / 4
+        # 4 layers, merge after layer 1: one KV group of 2 layers below, one above (the
+        # accounting module's layout is checked against engine blocks in test_deep / test_audioflamingo3)
+        expect["blocks"] += accounting.kv_blocks_saved(
+            accounting.KVLayout(4, 1), stock_tokens=t + n - k_in, tokens=t, deep_tokens=t - k_in + k_deep, block_size=BLOCK)
         expect["requests"] += 1
         expect["in"] += n
         expect["input"] += k_in

@@ -10,9 +10,8 @@ import pytest
 from vllm_affinity import pooling as P
 
 from .conftest import MAX_NEW, N_LOGPROBS, PROMPT, load_audio, run_engine_subprocess
-from .parity import json_compare, vllm_compare
+from .parity import json_compare
 
-pytestmark = pytest.mark.engine
 
 
 def test_entry_point_named_affinity():
@@ -52,12 +51,14 @@ def stock_run(tiny_model, clips, tmp_path_factory):
     return run_engine_subprocess(job, tmp_path_factory.mktemp("stock"), env={"VLLM_PLUGINS": ""})
 
 
+@pytest.mark.engine
 def test_disabled_plugin_gives_stock_placeholder_count(stock_run, reference, clips):
     for res, i in zip(stock_run["results"], (0, 2)):
         n = reference.audio_embeddings([load_audio(clips[i])])[0].shape[0]
         assert res["prompt_token_ids"].count(reference.audio_token_id) == n  # nothing pooled
 
 
+@pytest.mark.engine
 def test_input_stage_off_is_token_for_token_stock(stock_run, engine, clips):
     from vllm import SamplingParams
 
@@ -73,6 +74,7 @@ def test_input_stage_off_is_token_for_token_stock(stock_run, engine, clips):
                     assert abs(lp[int(t)].logprob - v) <= 1e-5
 
 
+@pytest.mark.engine
 def test_enabled_plugin_pools_where_stock_does_not(stock_run, engine, clips):
     from vllm import SamplingParams
 
@@ -94,6 +96,7 @@ def test_enabled_plugin_pools_where_stock_does_not(stock_run, engine, clips):
     ],
     ids=["window3", "uniform74"],
 )
+@pytest.mark.engine
 def test_server_spec_reaches_processor_and_model(spec, ref_kw, tiny_model, clips, reference, tmp_path):
     """The SPEC's ratio sets the placeholder count (processor) and its window/method the
     grouping (model): both must match the reference run with the same settings."""
@@ -107,6 +110,7 @@ def test_server_spec_reaches_processor_and_model(spec, ref_kw, tiny_model, clips
             assert par.ok, f"spec {spec} clip {i} ratio {ratio}: {par}"
 
 
+@pytest.mark.engine
 def test_additional_config_is_refused_with_a_pointer(tiny_model, clips, tmp_path):
     job = _job(tiny_model, clips, None)
     job["engine_kw_extra"] = {"additional_config": {"affinity": "paper-aggressive"}}

@@ -13,7 +13,6 @@ import torch
 
 from vllm_affinity import pooling
 
-pytestmark = pytest.mark.engine
 
 PROMPT_1 = (
     "<|im_start|>user\nAudio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n"

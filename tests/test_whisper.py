@@ -16,10 +16,6 @@ logprobs must equal the reference decoding exactly those groups.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,9 +24,8 @@ import torch
 
 from vllm_affinity import pooling as P
 
-from .conftest import ROOT, load_audio
+from .conftest import load_audio, run_engine_subprocess
 
-pytestmark = pytest.mark.engine
 
 ENGINE_KW = dict(
     dtype="float32",
@@ -90,18 +85,8 @@ def _ref(reference, frames, cache, clip, key, **kw):
 
 
 def run_job(job: dict, tmp_path: Path, env: dict | None = None) -> dict:
-    job_file, out_file = tmp_path / "job.json", tmp_path / "out.json"
-    job = {"engine_kw": ENGINE_KW, "decoder_prompt": DECODER_PROMPT, "max_tokens": MAX_NEW,
-           "logprobs": N_LOGPROBS, **job, "out": str(out_file)}
-    job_file.write_text(json.dumps(job))
-    full_env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "helpers" / "whisper_job.py"), str(job_file)],
-        env=full_env, capture_output=True, text=True, timeout=600,
-    )
-    if r.returncode != 0:
-        raise AssertionError(f"engine subprocess failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
-    return {**json.loads(out_file.read_text()), "log": r.stdout + r.stderr}
+    return run_engine_subprocess({"task": "whisper", "engine_kw": ENGINE_KW, "decoder_prompt": DECODER_PROMPT,
+                                  "max_tokens": MAX_NEW, "logprobs": N_LOGPROBS, **job}, tmp_path, env)
 
 
 def _req(clips, i, ratio=None):
@@ -309,6 +294,7 @@ def test_registered_for_whisper():
         "vllm_affinity.adapters.whisper", "AffinityWhisperForConditionalGeneration")
 
 
+@pytest.mark.engine
 def test_disabled_plugin_is_stock(stock):
     """VLLM_PLUGINS="": 1500 encoder positions and 1500 frames of cross-attention KV for
     every request, SPEC and mm_processor_kwargs notwithstanding."""
@@ -321,6 +307,7 @@ def test_disabled_plugin_is_stock(stock):
     assert [r["token_ids"] for r in stock["batches"][1]] == [r["token_ids"] for r in stock["batches"][0]]
 
 
+@pytest.mark.engine
 def test_off_is_exactly_stock(stock, affinity_run):
     """SPEC off, with or without a keep ratio of 1.0: stock tokens and bit-identical
     logprobs (same batch composition on both sides)."""
@@ -333,11 +320,13 @@ def test_off_is_exactly_stock(stock, affinity_run):
             assert g["logprobs"] == w["logprobs"], f"clip {i}"
 
 
+@pytest.mark.engine
 def test_info_line(affinity_run, uniform_run):
     assert "vllm-affinity: Whisper with Affinity Pooling: input stage off: all 1500 encoder frames" in affinity_run["log"]
     assert "encoder frames 1500 -> 750 per audio (keep_ratio=0.5, window=1, method=uniform)" in uniform_run["log"]
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("method", ["affinity", "uniform"])
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_vllm_matches_reference(method, ratio, affinity_run, uniform_run, reference, frames, ref_cache):
@@ -358,6 +347,7 @@ WRONG_CASES = {
 }
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("method,ratio,clip", list(WRONG_CASES))
 def test_wrong_poolings_are_rejected(method, ratio, clip, affinity_run, uniform_run, reference, frames):
     """The same comparison tells every deliberately wrong pooling apart, within 8 steps."""
@@ -372,11 +362,13 @@ def test_wrong_poolings_are_rejected(method, ratio, clip, affinity_run, uniform_
         assert d > LOGPROB_TOL, f"cannot tell the {name!r} pooling apart: {d:.2e}"
 
 
+@pytest.mark.engine
 def test_resampled_30s_clip(affinity_run, reference, frames, ref_cache):
     """22.05 kHz input: the plugin resamples with soxr like the reference."""
     print(check_against_reference(affinity_run, reference, frames, ref_cache, RESAMPLED_CLIP, 0.5, "affinity"))
 
 
+@pytest.mark.engine
 def test_cross_attention_kv_blocks_shrink(affinity_run):
     """After prefill, a request holds ceil(K / block_size) cross-attention blocks (and one
     self-attention block for the 2-token decoder prompt); every block is freed after."""
@@ -391,6 +383,7 @@ def test_cross_attention_kv_blocks_shrink(affinity_run):
     assert bs == 128 and [b[1] for _, _, b in got] == [12, 12, 9, 6, 3]
 
 
+@pytest.mark.engine
 def test_bad_keep_ratio_is_a_value_error_naming_the_field(affinity_run):
     errors = affinity_run["errors"]
     assert len(errors) == len(BAD) and all(e is not None for e in errors)

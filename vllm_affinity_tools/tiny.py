@@ -104,6 +104,57 @@ def _hub_name(name: str) -> str:
     raise ValueError(f"unexpected parameter name {name!r}")
 
 
+
+def audio_encoder_config(model_type: str, layers: int, d_model: int, heads: int) -> dict:
+    """A tiny Whisper-style audio encoder (128 mel bins, 1500 positions)."""
+    return {
+        "model_type": model_type,
+        "num_mel_bins": 128,
+        "encoder_layers": layers,
+        "encoder_attention_heads": heads,
+        "encoder_ffn_dim": d_model * 2,
+        "d_model": d_model,
+        "max_source_positions": 1500,
+    }
+
+
+def qwen2_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, im_end: int) -> dict:
+    """A tiny Qwen2 decoder."""
+    return {
+        "model_type": "qwen2",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": eot,
+        "eos_token_id": im_end,
+    }
+
+
+def sharpen_and_save(model, config, processor, out: Path, *, sharpen: float, eot: int, im_end: int) -> None:
+    """Scale the text layers' q/k projections (sharp attention makes small errors show in
+    logits), then write the weights under the hub names vLLM expects, the config, the
+    processor and a greedy generation config."""
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    state = {_hub_name(k): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    gen = {"eos_token_id": im_end, "pad_token_id": eot, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
 def build(
     out_dir: str | Path,
     *,
@@ -118,7 +169,6 @@ def build(
     vocab_size: int = 512,
 ) -> Path:
     import torch
-    from safetensors.torch import save_file
     from transformers import (
         Qwen2AudioConfig,
         Qwen2AudioForConditionalGeneration,
@@ -144,30 +194,8 @@ def build(
     vocab = len(tokenizer)
 
     config = Qwen2AudioConfig(
-        audio_config={
-            "model_type": "qwen2_audio_encoder",
-            "num_mel_bins": 128,
-            "encoder_layers": audio_layers,
-            "encoder_attention_heads": 2,
-            "encoder_ffn_dim": audio_d_model * 2,
-            "d_model": audio_d_model,
-            "max_source_positions": 1500,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
-            "tie_word_embeddings": False,
-            "bos_token_id": eot,
-            "eos_token_id": im_end,
-        },
+        audio_config=audio_encoder_config("qwen2_audio_encoder", audio_layers, audio_d_model, heads=2),
+        text_config=qwen2_text_config(vocab, hidden, layers, heads, kv_heads, eot=eot, im_end=im_end),
         audio_token_index=audio_id,
     )
     config.architectures = ["Qwen2AudioForConditionalGeneration"]
@@ -175,16 +203,7 @@ def build(
 
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config).float().eval()
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(sharpen)
-            layer.self_attn.k_proj.weight.mul_(sharpen)
-    state = {_hub_name(k): v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out)
-    processor.save_pretrained(out)
-    gen = {"eos_token_id": im_end, "pad_token_id": eot, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    sharpen_and_save(model, config, processor, out, sharpen=sharpen, eot=eot, im_end=im_end)
     return out
 
 

@@ -28,10 +28,9 @@ d_model 128 with 2 heads (head_dim 64); the Qwen2 text model has head_dim 64.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from .tiny import _hub_name, build_tokenizer
+from .tiny import audio_encoder_config, build_tokenizer, qwen2_text_config, sharpen_and_save
 
 AUDIO_TOKEN = "<sound>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_TOKEN]
@@ -82,7 +81,6 @@ def build(
     verify: bool = True,
 ) -> Path:
     import torch
-    from safetensors.torch import save_file
     from transformers import (
         AudioFlamingo3Config,
         AudioFlamingo3ForConditionalGeneration,
@@ -118,30 +116,8 @@ def build(
     vocab = len(tokenizer)
 
     config = AudioFlamingo3Config(
-        audio_config={
-            "model_type": "audioflamingo3_encoder",
-            "num_mel_bins": 128,
-            "encoder_layers": audio_layers,
-            "encoder_attention_heads": audio_heads,
-            "encoder_ffn_dim": audio_d_model * 2,
-            "d_model": audio_d_model,
-            "max_source_positions": 1500,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
-            "tie_word_embeddings": False,
-            "bos_token_id": eot,
-            "eos_token_id": im_end,
-        },
+        audio_config=audio_encoder_config("audioflamingo3_encoder", audio_layers, audio_d_model, heads=audio_heads),
+        text_config=qwen2_text_config(vocab, hidden, layers, heads, kv_heads, eot=eot, im_end=im_end),
         audio_token_id=audio_id,
     )
     config.architectures = ["AudioFlamingo3ForConditionalGeneration"]
@@ -149,16 +125,7 @@ def build(
 
     torch.manual_seed(seed)
     model = AudioFlamingo3ForConditionalGeneration(config).float().eval()
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(sharpen)
-            layer.self_attn.k_proj.weight.mul_(sharpen)
-    state = {_hub_name(k): v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out)
-    processor.save_pretrained(out)
-    gen = {"eos_token_id": im_end, "pad_token_id": eot, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    sharpen_and_save(model, config, processor, out, sharpen=sharpen, eot=eot, im_end=im_end)
     if verify:
         check_reload(out, model.state_dict())
     return out

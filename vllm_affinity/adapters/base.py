@@ -426,9 +426,11 @@ class AffinityModelMixin:
             return embeds
         return pool_to_counts(embeds, kept, self.affinity)
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if self.deep_layer is None:
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+    def forward(self, input_ids, positions, *args, **kwargs):
+        if self.deep_layer is None:  # stock, whatever the architecture's signature
+            return super().forward(input_ids, positions, *args, **kwargs)
+        # decoder-only LMs: forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        inputs_embeds = args[1] if len(args) > 1 else kwargs.get("inputs_embeds")
         lm = self.decoder()
         h = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
         residual = None

@@ -55,16 +55,7 @@ class ReferenceAudioFlamingo3(ReferenceSpeechLM):
         waves = [to_16k_mono(a, sr) for a, sr in audios]
         windows = [self.split_windows(w) for w in waves]
         flat = [x for ws in windows for x in ws]
-        fe = self.processor.feature_extractor(
-            flat,
-            sampling_rate=TARGET_SR,
-            return_attention_mask=True,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        )
-        feats = fe["input_features"].to(self.model.dtype)
-        fmask = fe["attention_mask"]
+        feats, fmask = self.features(flat)
         tower = self.model.model.audio_tower
         hidden = tower(feats, input_features_mask=fmask).last_hidden_state
         proj = self.model.model.multi_modal_projector(hidden)

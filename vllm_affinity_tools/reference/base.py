@@ -78,6 +78,14 @@ class ReferenceSpeechLM:
         """Encoder + projector output of each audio, padded frames removed: [(n_i, H)]."""
         raise NotImplementedError
 
+    def features(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel features of 16 kHz waves padded to the 30 s window, and their frame mask."""
+        fe = self.processor.feature_extractor(
+            waves, sampling_rate=TARGET_SR, return_attention_mask=True, padding="max_length",
+            truncation=True, return_tensors="pt",
+        )
+        return fe["input_features"].to(self.model.dtype), fe["attention_mask"]
+
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` (one unexpanded placeholder per audio)."""
         return self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -10,13 +10,11 @@ per-step log-probabilities over the whole vocabulary (fp32).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import torch
 
-from vllm_affinity import pooling
 
 from .base import (  # noqa: F401  (re-exported: older imports name this module)
     TARGET_SR,
@@ -64,16 +62,7 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
     def _embed_waves(self, waves: list[np.ndarray], encoder_real_length: bool) -> list[torch.Tensor]:
         from transformers.masking_utils import create_bidirectional_mask
 
-        fe = self.processor.feature_extractor(
-            waves,
-            sampling_rate=TARGET_SR,
-            return_attention_mask=True,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        )
-        feats = fe["input_features"].to(self.model.dtype)
-        fmask = fe["attention_mask"]
+        feats, fmask = self.features(waves)
         tower = self.model.model.audio_tower
         if encoder_real_length:
             from vllm_affinity.encoder import encode_real_length
@@ -94,50 +83,18 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
         return [proj[i, : int(out_lens[i])] for i in range(b)]
 
     # -- generation -------------------------------------------------------------------
-    @torch.no_grad()
     def generate(
         self,
         prompt: str,
         audios: list[tuple[np.ndarray, int]],
         *,
-        max_new_tokens: int = 16,
-        keep_ratio: float = 1.0,
-        method: pooling.Method = "affinity",
-        window: int = 1,
-        mode: Literal["exact", "threshold"] = "exact",
-        tau: float | None = None,
-        pool_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        deep_merge_layer: int | None = None,
-        deep_keep_ratio: float = 1.0,
-        deep_window: int = 3,
-        deep_method: pooling.Method = "affinity",
-        deep_pool_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         encoder_real_length: bool = False,
         long_audio: Literal["truncate", "windows"] = "truncate",
+        **kw,
     ) -> ReferenceOutput:
         """Greedy decoding; ``prompt`` holds one ``<|AUDIO|>`` per audio (unexpanded).
-
-        ``pool_fn`` replaces the pooling (tests use it for deliberately wrong variants).
-        ``deep_merge_layer`` (0-based, ``0 <= L <= num_layers - 2``) turns on the deep
-        merge stage after decoder layer L; ``deep_pool_fn`` maps an (m, hidden) span of
-        that layer's output to group ``sizes`` (default: ``pooling.group_sizes`` with
-        ``num_kept(m, deep_keep_ratio)``, ``deep_method``, ``deep_window``).
-        """
+        ``encoder_real_length`` / ``long_audio`` as the plugin's switches; every other
+        argument (pooling, deep stage, wrong-variant hooks) is :meth:`ReferenceSpeechLM.generate`'s."""
         return super().generate(
-            prompt,
-            audios,
-            max_new_tokens=max_new_tokens,
-            keep_ratio=keep_ratio,
-            method=method,
-            window=window,
-            mode=mode,
-            tau=tau,
-            pool_fn=pool_fn,
-            deep_merge_layer=deep_merge_layer,
-            deep_keep_ratio=deep_keep_ratio,
-            deep_window=deep_window,
-            deep_method=deep_method,
-            deep_pool_fn=deep_pool_fn,
-            encoder_real_length=encoder_real_length,
-            long_audio=long_audio,
+            prompt, audios, encoder_real_length=encoder_real_length, long_audio=long_audio, **kw
         )
