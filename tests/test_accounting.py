@@ -14,7 +14,9 @@ from vllm_affinity import accounting as A
         (4, None, 4, 1, 0, 4),  # no deep stage: one group of every layer
         (4, 1, 2, 1, 1, 4),  # the tiny test model
         (4, 0, 1, 1, 3, 4),  # one shallow layer: three deep groups of one
-        (5, 1, 2, 1, 2, 6),  # 2 shallow / 3 deep: the second deep group is padded
+        (5, 1, 2, 1, 2, 6),  # 2 shallow / 3 deep (1.5x): the second deep group is padded
+        (32, 13, 18, 1, 1, 36),  # 14 shallow / 18 deep (< 1.5x): groups of 18, 4 padding layers
+        (32, 27, 4, 7, 1, 32),  # 28 / 4
         (32, 29, 2, 15, 1, 32),  # Qwen2-Audio-7B, the paper's layer 29
         (28, 25, 2, 13, 1, 28),  # a 28-layer Qwen2 decoder (Kimi-Audio / AF3-size)
     ],
@@ -35,6 +37,7 @@ def test_blocks_saved_without_padding_matches_the_per_layer_count():
 
 def test_padding_costs_memory_and_is_counted():
     padded = A.KVLayout(5, 1)  # deep groups hold 2 x 2 layer slots for 3 layers
+    # (the metric clamps a negative saving to 0: vllm_affinity.metrics.record)
     assert padded.layer_blocks(100, 100, 10) == 6 * 10 > A.stock_layer_blocks(5, 100, 10)
     assert A.kv_blocks_saved(padded, stock_tokens=100, tokens=100, deep_tokens=100, block_size=10) < 0
 

@@ -115,6 +115,7 @@ def test_input_stage_matches_reference(af3_runs, af3_clips, af3_ref, af3_prompt,
         n = af3_ref.num_audio_tokens(len(load_audio(clip)[0]))
         assert ref.audio_tokens_in == [n] and ref.audio_tokens_kept == [P.num_kept(n, ratio)]
         parity = json_compare(r, ref)
+        print(f"\nAF3 input stage {clip.name} ratio {ratio}: audio {n} -> {ref.audio_tokens_kept[0]}; {parity}")
         assert parity.ok, f"{clip.name} ratio {ratio}: {parity}"
 
 
@@ -122,6 +123,8 @@ def test_deep_stage_matches_reference(af3_runs, af3_clips, af3_ref, af3_prompt):
     for clip, r in zip(af3_clips, af3_runs["deep"]["results"]):
         ref = _ref(af3_ref, af3_prompt, clip, **DEEP_REF)
         parity = json_compare(r, ref)
+        print(f"\nAF3 both stages {clip.name}: audio {ref.audio_tokens_in[0]} -> {ref.audio_tokens_kept[0]} "
+              f"-> {ref.deep_tokens_kept[0]} above layer 1; {parity}")
         assert parity.ok, f"{clip.name}: {parity}"
         assert ref.deep_tokens_kept == [P.num_kept(ref.audio_tokens_kept[0], 0.3)]
 
@@ -139,6 +142,7 @@ def test_wrong_pooling_is_rejected(af3_runs, af3_clips, af3_ref, af3_prompt, var
     """The parity check is sensitive: each deliberately wrong pooling fails it."""
     diffs = [json_compare(r, _ref(af3_ref, af3_prompt, clip, **WRONG[variant]))
              for clip, r in zip(af3_clips, af3_runs["deep"]["results"])]
+    print(f"\nAF3 wrong pooling '{variant}': max |dlogprob| {max(p.max_logprob_diff for p in diffs):.2e}")
     assert not any(p.ok for p in diffs), [str(p) for p in diffs]
     assert max(p.max_logprob_diff for p in diffs) > 10 * LOGPROB_TOL
 
@@ -158,6 +162,8 @@ def test_deep_kv_blocks_equal_the_plan(af3_model, af3_clips, af3_prompt, tmp_pat
     assert kv["blocks"] == accounting.KVLayout(4, 1).blocks_per_group(n, compacted, BLOCK)
     assert kv["blocks"] == [math.ceil(n / BLOCK), math.ceil(compacted / BLOCK)]
     assert kv["free_after_finish"] == kv["free_initial"] == kv["free_after_cancel"]
+    print(f"\nAF3 45 s clip, {n} tokens computed: blocks per group {kv['blocks']} (block {BLOCK}); "
+          f"stock would hold {math.ceil((n + 1125 - k_in) / BLOCK)} in every layer")
 
 
 def test_small_step_budget_still_answers_long_audio(af3_model, af3_clips, af3_prompt, tmp_path):

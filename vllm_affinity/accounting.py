@@ -4,10 +4,10 @@ processor's metrics, the benchmarks and the tests (pure Python, no vLLM import).
 KV blocks, as vLLM 0.32 lays them out: without a deep stage every decoder layer is in
 one KV-cache group, and a request of ``t`` tokens holds ``ceil(t / block_size)`` blocks
 of it. With a deep stage the layers up to the merge layer and the layers above it have
-different KV specs; vLLM splits the layers of each spec into groups of
-``size = min(shallow layers, deep layers)`` layers, padding the last group of a spec
-when its count does not divide (a padded group still allocates pages for ``size``
-layers). A request holds ``ceil(t / bs)`` blocks in every shallow group and
+different KV specs; vLLM splits the layers of each spec into groups of ``size`` layers
+(the smaller count, or the larger one when it is under 1.5 times the smaller), padding
+the last group of a spec when its count does not divide (a padded group still
+allocates pages for ``size`` layers). A request holds ``ceil(t / bs)`` blocks in every shallow group and
 ``ceil(compacted / bs)`` in every deep group. "Layer-blocks" count one block of one
 layer; "stock blocks" divide by the number of layers (one block of every layer).
 """
@@ -38,7 +38,12 @@ class KVLayout:
 
     @property
     def group_size(self) -> int:
-        return self.num_layers if self.merge_layer is None else min(self.shallow_layers, self.deep_layers)
+        if self.merge_layer is None:
+            return self.num_layers
+        small, large = sorted((self.shallow_layers, self.deep_layers))
+        # vLLM's rule (kv_cache_utils in 0.32, kv_cache_planning in 0.33): the smaller
+        # count, unless the larger is under 1.5x of it, then the larger (less padding)
+        return large if large < small * 1.5 else small
 
     @property
     def shallow_groups(self) -> int:

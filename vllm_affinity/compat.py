@@ -22,7 +22,11 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, fields
 
+#: releases checked against (CI: 0.32.0 on CPU; 0.33.0 from its source, tests/test_compat.py)
 SUPPORTED_VLLM = ("0.32.0", "0.33.0")
+#: [lowest, first refused) release series: other patch releases inside start with a warning
+#: when every seam checks out (pyproject's gpu extra admits the same range)
+SUPPORTED_RANGE = ((0, 32, 0), (0, 34, 0))
 
 
 class VllmSeamError(RuntimeError):
@@ -36,6 +40,10 @@ class Seam:
     where: str
     params: tuple[str, ...] | None = None  # None: only existence is checked
     why: str = ""
+    #: checked only on this platform at start-up ("cpu" / "gpu"; None: everywhere). Importing
+    #: vllm.v1.worker.cpu_worker replaces torch.cuda events/streams and memory queries with
+    #: CPU stand-ins (vllm.v1.worker.cpu.shm), so it must never be imported on a GPU host.
+    platform: str | None = None
 
 
 SEAMS: tuple[Seam, ...] = (
@@ -49,9 +57,10 @@ SEAMS: tuple[Seam, ...] = (
          ("input_ids", "positions", "intermediate_tensors", "inputs_embeds"), "hands the step's spans to the model"),
     Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model", ("scheduler_output",)),
     Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens", ("grammar_output",)),
-    Seam("vllm.v1.worker.cpu_model_runner:CPUModelRunner"),
-    Seam("vllm.v1.worker.cpu_worker:CPUWorker.init_device", ()),
-    Seam("vllm.v1.worker.gpu_worker:Worker.init_device", ()),
+    Seam("vllm.v1.worker.cpu_model_runner:CPUModelRunner.__init__", ("vllm_config", "device"), platform="cpu"),
+    Seam("vllm.v1.worker.cpu_worker:CPUWorker.init_device", (), platform="cpu"),
+    Seam("vllm.v1.worker.gpu_worker:Worker.init_device", (), platform="gpu"),
+    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__", ("vllm_config", "device")),
     Seam("vllm.v1.attention.backend:CommonAttentionMetadata"),
     Seam("vllm.v1.worker.utils:AttentionGroup.build_metadata", ("common_attn_metadata",)),
     # deep stage, scheduler side (engine/scheduler.py, engine/kv.py)
@@ -82,6 +91,14 @@ SEAMS: tuple[Seam, ...] = (
     Seam("vllm.multimodal.processing:BaseMultiModalProcessor._get_prompt_updates",
          ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
     Seam("vllm.multimodal.processing:InputProcessingContext.get_merged_mm_kwargs"),
+    Seam("vllm.multimodal.processing:BaseProcessingInfo.get_mm_max_tokens_per_item", ("seq_len", "mm_counts")),
+    Seam("vllm.multimodal.processing:BaseProcessingInfo.get_data_parser", ()),
+    Seam("vllm.multimodal.processing:BaseDummyInputsBuilder.get_dummy_mm_data",
+         ("seq_len", "mm_counts", "mm_options")),
+    Seam("vllm.multimodal.audio:AudioResampler.__init__", ("target_sr", "method"),
+         "soxr resampling (the parser's audio_resampler.method)"),
+    Seam("vllm.model_executor.models.qwen2_audio:Qwen2AudioForConditionalGeneration._process_audio_input",
+         ("audio_input",), "Qwen2-Audio's encoder on the real length"),
     Seam("vllm.multimodal.inputs:MultiModalFieldConfig.batched", ("modality",)),
     Seam("vllm.multimodal.inputs:MultiModalFieldConfig.flat_from_sizes", ("modality", "size_per_item")),
     # patches/audio_decode_errors.py
@@ -90,8 +107,9 @@ SEAMS: tuple[Seam, ...] = (
 
 #: fields of CommonAttentionMetadata the runner sets for the deep layers
 COMMON_ATTENTION_FIELDS = (
-    "query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens", "max_query_len",
-    "max_seq_len", "block_table_tensor", "slot_mapping", "causal",
+    "query_start_loc", "query_start_loc_cpu", "seq_lens", "seq_lens_cpu_upper_bound", "num_reqs",
+    "num_actual_tokens", "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "causal",
+    "is_prefilling",
 )
 #: fields of AttentionSpec copied into the deep spec (a new field must have a default)
 ATTENTION_SPEC_FIELDS = ("block_size", "num_kv_heads", "head_size", "dtype")
@@ -153,16 +171,31 @@ def check_dataclass_fields(where: str, needed: tuple[str, ...], have: list[str],
 
 def check() -> None:
     """Verify every seam against the running vLLM (called by ``register()``)."""
+    import logging
+
     version = vllm_version()
-    if version not in SUPPORTED_VLLM:
+    low, high = SUPPORTED_RANGE
+    if not low <= _version_tuple(version) < high:
         raise VllmSeamError(
             f"vllm-affinity supports vLLM {', '.join(SUPPORTED_VLLM)}; this is vLLM {version}"
         )
+    if version not in SUPPORTED_VLLM:
+        logging.getLogger("vllm.affinity").warning(
+            "vllm-affinity: vLLM %s is not a tested release (%s); its seams check out", version,
+            ", ".join(SUPPORTED_VLLM))
+    platform = _platform()
     for seam in SEAMS:
-        check_seam(seam)
+        if seam.platform in (None, platform):
+            check_seam(seam)
     for where, needed in (("vllm.v1.attention.backend:CommonAttentionMetadata", COMMON_ATTENTION_FIELDS),
                           ("vllm.v1.kv_cache_interface:AttentionSpec", ATTENTION_SPEC_FIELDS)):
         check_dataclass_fields(where, needed, [f.name for f in fields(_resolve(where))], version)
+
+
+def _platform() -> str:
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "gpu"
 
 
 def check_source_dump(dump: dict, version: str) -> None:
@@ -180,7 +213,9 @@ def check_source_dump(dump: dict, version: str) -> None:
 
 # -- version-dependent behaviour ----------------------------------------------------------------
 def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split(".")[:3])
+    import re
+
+    return tuple(int(re.match(r"\d+", x).group()) for x in v.split(".")[:3])
 
 
 def needs_chunk_split_guard(version: str | None = None) -> bool:

@@ -147,23 +147,18 @@ class AffinityConfig(_Strict):
             return self.max_audio_seconds
         return DEFAULT_MAX_WINDOWED_SECONDS if self.deep is not None else None
 
-    @property
-    def max_windows(self) -> int:
-        """Encoder windows one audio may need (1 unless ``long_audio: windows``)."""
-        if self.long_audio != "windows":
-            return 1
-        return max(1, math.ceil(round(self.audio_seconds_limit / ENCODER_WINDOW_SECONDS, 6)))
-
-    def describe(self) -> str:
+    def describe(self, *, real_length: bool = True, windows: bool = True) -> str:
+        """One line for the start-up log; ``real_length`` / ``windows``: whether the
+        architecture applies those switches (others log them as ignored)."""
         parts = []
         s = self.input
         parts.append(
             "input stage off" if s is None
             else f"input stage: keep_ratio={s.keep_ratio}, window={s.window}, method={s.method}"
         )
-        if self.encoder_real_length:
+        if self.encoder_real_length and real_length:
             parts.append("encoder on the real audio length")
-        if self.long_audio == "windows":
+        if self.long_audio == "windows" and windows:
             parts.append(
                 f"audio over {ENCODER_WINDOW_SECONDS} s encoded in {ENCODER_WINDOW_SECONDS} s windows "
                 f"(up to {self.audio_seconds_limit:g} s)"

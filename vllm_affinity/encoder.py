@@ -53,9 +53,6 @@ def encode_real_length(tower, features: torch.Tensor, mel_frames: int) -> torch.
 
 
 # -- audio longer than the encoder's 30 s window (``long_audio: windows``) ---------------
-#: encoder output tokens of one full 30 s window (3000 mel frames)
-TOKENS_PER_WINDOW = 750
-
 #: a last window shorter than this (0.1 s at 16 kHz) is dropped: it would give the encoder
 #: at most one or two frames (possibly zero tokens) and carries no speech worth a token
 MIN_TAIL_SAMPLES = 1600

@@ -11,6 +11,8 @@ the keep ratios and the prompt, never from the hidden states):
 * ``vllm_affinity:kv_blocks_saved_total``            KV blocks not allocated at the end of
                                                       prefill: stock prompt vs pooled prompt in
                                                       every KV-cache group, summed
+                                                      (vllm_affinity.accounting; a request whose
+                                                      padded groups cost more counts 0)
 * per-request histograms of the same four (``..._per_request``) and
   ``vllm_affinity:requests_total``.
 
@@ -44,7 +46,10 @@ def metrics():
     }
 
 
-def record(tokens_in: int, after_input: int, after_deep: int, blocks_saved: int) -> None:
+def record(tokens_in: int, after_input: int, after_deep: int, blocks_saved: float) -> None:
+    # a merge layer whose KV-cache groups need padding layers can cost more blocks than it
+    # saves on a short audio (accounting.kv_blocks_saved < 0); a counter only grows: count 0
+    blocks_saved = max(0.0, blocks_saved)
     m = metrics()
     m["requests"].inc()
     for key, value in (("tokens_in", tokens_in), ("after_input", after_input),

@@ -21,7 +21,7 @@ from vllm.model_executor.models.audioflamingo3 import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .base import SAMPLE_RATE, AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin
+from .base import AffinityDummyInputsMixin, AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin
 
 ARCH = "AudioFlamingo3ForConditionalGeneration"
 
@@ -36,21 +36,14 @@ class AffinityAudioFlamingo3ProcessingInfo(AffinityInfoMixin, AudioFlamingo3Proc
         return cap if limit is None else min(cap, limit)
 
     def get_mm_max_tokens_per_item(self, seq_len, mm_counts=None):
-        if self.facts.audio_seconds_limit(self.affinity) is None:
-            return super().get_mm_max_tokens_per_item(seq_len, mm_counts)  # stock: profiled
+        # the stock bound of the longest accepted audio, whatever the server ratio: a request
+        # may ask for a higher keep ratio than the server default (as for Whisper)
         windows = math.ceil(round(self.max_audio_seconds() / self.facts.window_seconds, 6))
         return {"audio": self.facts.tokens_per_window * windows}
 
 
-class AffinityAudioFlamingo3DummyInputsBuilder(AudioFlamingo3DummyInputsBuilder):
-    """Profiles with the longest audio this server accepts (not the processor's 600 s)."""
-
-    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
-        data = super().get_dummy_mm_data(seq_len, mm_counts, mm_options)
-        longest = int(self.info.max_audio_seconds() * SAMPLE_RATE)
-        if data.get("audio"):
-            data["audio"] = [a[:longest] for a in data["audio"]]
-        return data
+class AffinityAudioFlamingo3DummyInputsBuilder(AffinityDummyInputsMixin, AudioFlamingo3DummyInputsBuilder):
+    pass
 
 
 class AffinityAudioFlamingo3MultiModalProcessor(AffinityProcessorMixin, AudioFlamingo3MultiModalProcessor):

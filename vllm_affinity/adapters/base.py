@@ -141,6 +141,30 @@ class AffinityInfoMixin:
         return parser
 
 
+class AffinityDummyInputsMixin:
+    """Mix in front of the architecture's dummy-inputs builder: vLLM profiles memory (and,
+    on GPU, runs a dummy request through the processor) with the longest audio this
+    server accepts: several windows where the plugin windows long audio, never longer
+    than ``max_audio_seconds`` (a longer dummy would be refused by the request checks)."""
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
+        import numpy as np
+
+        data = super().get_dummy_mm_data(seq_len, mm_counts, mm_options)
+        if not data.get("audio"):
+            return data
+        facts, cfg = self.info.facts, self.info.affinity
+        audios = data["audio"]
+        windows = facts.max_windows(cfg)
+        if facts.long_audio == "plugin-windows" and windows and windows > 1:
+            audios = [np.tile(a, windows) for a in audios]
+        limit = facts.audio_seconds_limit(cfg)
+        if limit is not None:
+            audios = [a[: int(limit * SAMPLE_RATE)] for a in audios]
+        data["audio"] = audios
+        return data
+
+
 class AffinityProcessorMixin:
     """Mix in front of the architecture's multimodal processor."""
 
@@ -404,9 +428,15 @@ class AffinityModelMixin:
 
     # -- what an adapter may override -----------------------------------------------------------
     def describe(self) -> str:
-        line = f"{self.affinity_facts.name} with Affinity Pooling, {self.affinity.describe()}"
+        facts = self.affinity_facts
+        line = f"{facts.name} with Affinity Pooling, " + self.affinity.describe(
+            real_length=self.SUPPORTS_ENCODER_REAL_LENGTH, windows=facts.long_audio == "plugin-windows")
         if self.affinity.encoder_real_length and not self.SUPPORTS_ENCODER_REAL_LENGTH:
-            line += f" (encoder_real_length is ignored for {self.affinity_facts.name}: its encoder runs as stock)"
+            line += f"; encoder_real_length is ignored for {facts.name} (its encoder runs as stock)"
+        if facts.long_audio == "native":
+            limit = facts.audio_seconds_limit(self.affinity)
+            line += (f"; audio over {facts.window_seconds:g} s is split into windows by {facts.name}'s own "
+                     + (f"processor, up to {limit:g} s" if limit is not None else "processor (its own limit)"))
         return line
 
     def decoder(self):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from vllm.model_executor.models.qwen2_audio import (
     Qwen2AudioDummyInputsBuilder,
@@ -24,7 +23,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from ..encoder import encode_real_length, split_windows, window_mel_frames
-from .base import AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin
+from .base import AffinityDummyInputsMixin, AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin
 
 logger = logging.getLogger("vllm.affinity")
 
@@ -45,16 +44,8 @@ class AffinityQwen2AudioProcessingInfo(AffinityInfoMixin, Qwen2AudioProcessingIn
         return out
 
 
-class AffinityQwen2AudioDummyInputsBuilder(Qwen2AudioDummyInputsBuilder):
-    """Profiles with the longest audio the server accepts (several windows with
-    ``long_audio: windows``), so vLLM's memory profile covers the real worst case."""
-
-    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
-        data = super().get_dummy_mm_data(seq_len, mm_counts, mm_options)
-        windows = self.info.facts.max_windows(self.info.affinity)
-        if windows > 1 and data.get("audio"):
-            data["audio"] = [np.tile(a, windows) for a in data["audio"]]
-        return data
+class AffinityQwen2AudioDummyInputsBuilder(AffinityDummyInputsMixin, Qwen2AudioDummyInputsBuilder):
+    pass
 
 
 class AffinityQwen2AudioMultiModalProcessor(AffinityProcessorMixin, Qwen2AudioMultiModalProcessor):

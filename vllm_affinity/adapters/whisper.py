@@ -48,7 +48,13 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from .. import accounting, pooling
 from ..config import REQUEST_KEEP_RATIO_KEY, AffinityConfig
 from ..architectures import facts_for
-from .base import AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin, validated_config
+from .base import (
+    AffinityDummyInputsMixin,
+    AffinityInfoMixin,
+    AffinityModelMixin,
+    AffinityProcessorMixin,
+    validated_config,
+)
 
 logger = logging.getLogger("vllm.affinity")
 
@@ -88,6 +94,10 @@ class AffinityWhisperProcessingInfo(AffinityInfoMixin, WhisperProcessingInfo):
         return {"audio": self.get_num_audio_tokens()}
 
 
+class AffinityWhisperDummyInputsBuilder(AffinityDummyInputsMixin, WhisperDummyInputsBuilder):
+    pass
+
+
 class AffinityWhisperMultiModalProcessor(AffinityProcessorMixin, WhisperMultiModalProcessor):
     info: AffinityWhisperProcessingInfo
 
@@ -108,7 +118,7 @@ class AffinityWhisperMultiModalProcessor(AffinityProcessorMixin, WhisperMultiMod
 @MULTIMODAL_REGISTRY.register_processor(
     AffinityWhisperMultiModalProcessor,
     info=AffinityWhisperProcessingInfo,
-    dummy_inputs=WhisperDummyInputsBuilder,
+    dummy_inputs=AffinityWhisperDummyInputsBuilder,
 )
 class AffinityWhisperForConditionalGeneration(AffinityModelMixin, WhisperForConditionalGeneration):
     """Stock Whisper whose encoder output is pooled to the processor's count."""

@@ -8,7 +8,7 @@ the config-time extension point (the same map vLLM's own models use).
 With a deep stage it sets, each with a log line:
 * prefix caching off: a compacted block is not a prefix of the stock token blocks;
 * ``disable_chunked_mm_input``: an audio span is merged whole, never across chunks;
-  with ``long_audio: windows`` it raises ``max_num_batched_tokens`` to fit the longest audio;
+  ``max_num_batched_tokens`` is raised to fit the longest audio's placeholders;
 * eager mode: the merge has data-dependent shapes inside the decoder stack;
 * our scheduler and worker classes (refusing conflicting user choices);
 * the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0);
