@@ -10,6 +10,20 @@ from vllm_affinity.plan import DeepPlan, Span
 from vllm_affinity.pooling import num_kept
 
 
+def _plans():
+    """A request's spans (gaps and lengths) and a deep keep ratio."""
+    return st.tuples(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 40)), max_size=4), st.floats(0.01, 1.0))
+
+
+def _plan_of(gaps, ratio):
+    ranges, pos = [], 0
+    for gap, n in gaps:
+        pos += gap
+        ranges.append((pos, n))
+        pos += n
+    return DeepPlan.from_ranges(ranges, ratio), pos + 5
+
+
 def test_compacted_counts_whole_spans_only():
     plan = DeepPlan.from_ranges([(10, 100), (200, 50)], 0.1)  # K = 10 and 5
     assert [s.kept for s in plan.spans] == [10, 5]
@@ -27,20 +41,6 @@ def test_slot_indices_of_a_full_prefill_are_contiguous():
     assert rows.seq_len == plan.compacted(50) == rows.num_rows
     assert rows.spans == plan.spans
     assert plan.slot_index(50) == plan.compacted(50)  # the first decode token
-
-
-def _plans():
-    """A request's spans (gaps and lengths) and a deep keep ratio."""
-    return st.tuples(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 40)), max_size=4), st.floats(0.01, 1.0))
-
-
-def _plan_of(gaps, ratio):
-    ranges, pos = [], 0
-    for gap, n in gaps:
-        pos += gap
-        ranges.append((pos, n))
-        pos += n
-    return DeepPlan.from_ranges(ranges, ratio), pos + 5
 
 
 @given(_plans(), st.data())
@@ -92,13 +92,8 @@ def test_overlapping_spans_are_refused():
 
 @given(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 40)), max_size=4), st.floats(0.01, 1.0))
 def test_compacted_is_monotone_and_matches_kept(gaps, ratio):
-    ranges, pos = [], 0
-    for gap, n in gaps:
-        pos += gap
-        ranges.append((pos, n))
-        pos += n
-    plan = DeepPlan.from_ranges(ranges, ratio)
-    end = pos + 5
+    plan, end = _plan_of(gaps, ratio)
+    ranges = [(sp.offset, sp.length) for sp in plan.spans]
     values = [plan.compacted(t) for t in range(end + 1)]
     removed_at = {o + n: n - num_kept(n, ratio) for o, n in ranges}
     for t in range(end):  # +1 per token, minus what a span finishing at t+1 merges away

@@ -207,25 +207,26 @@ def build(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vllm_affinity_tools.tiny", description=__doc__.split("\n\n")[0])
+def builder_args(prog: str, description: str, hidden: int) -> argparse.ArgumentParser:
+    """The command line every tiny builder shares."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("out_dir")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=hidden)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sharpen", type=float, default=8.0, help="scale of text q/k weights (default 8)")
-    a = p.parse_args(argv)
-    out = build(
-        a.out_dir,
-        layers=a.layers,
-        hidden=a.hidden,
-        heads=a.heads,
-        kv_heads=a.kv_heads,
-        seed=a.seed,
-        sharpen=a.sharpen,
-    )
+    return p
+
+
+def shape_kwargs(a: argparse.Namespace) -> dict:
+    return dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, seed=a.seed, sharpen=a.sharpen)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = builder_args("python -m vllm_affinity_tools.tiny", __doc__.split("\n\n")[0], hidden=128).parse_args(argv)
+    out = build(a.out_dir, **shape_kwargs(a))
     print(f"tiny Qwen2-Audio written to {out}")
 
 

@@ -27,10 +27,9 @@ d_model 128 with 2 heads (head_dim 64); the Qwen2 text model has head_dim 64.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from .tiny import audio_encoder_config, build_tokenizer, qwen2_text_config, sharpen_and_save
+from .tiny import audio_encoder_config, build_tokenizer, builder_args, qwen2_text_config, shape_kwargs, sharpen_and_save
 
 AUDIO_TOKEN = "<sound>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_TOKEN]
@@ -153,26 +152,10 @@ def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vllm_affinity_tools.tiny_af3", description=__doc__.split("\n\n")[0])
-    p.add_argument("out_dir")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sharpen", type=float, default=8.0, help="scale of text q/k weights (default 8)")
+    p = builder_args("python -m vllm_affinity_tools.tiny_af3", __doc__.split("\n\n")[0], hidden=256)
     p.add_argument("--max-audio-len", type=int, default=60, help="seconds per audio, multiple of 30 (default 60)")
     a = p.parse_args(argv)
-    out = build(
-        a.out_dir,
-        layers=a.layers,
-        hidden=a.hidden,
-        heads=a.heads,
-        kv_heads=a.kv_heads,
-        seed=a.seed,
-        sharpen=a.sharpen,
-        max_audio_len=a.max_audio_len,
-    )
+    out = build(a.out_dir, **shape_kwargs(a), max_audio_len=a.max_audio_len)
     print(f"tiny AudioFlamingo3 written to {out}")
 
 
