@@ -27,6 +27,7 @@ and ``decoder()`` (the decoder stack of a deep stage). The engine-facing numbers
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -140,6 +141,21 @@ class AffinityInfoMixin:
         parser.audio_resampler.method = "soxr"
         return parser
 
+    # -- architectures whose processor windows long audio itself (facts.long_audio "native") --
+    def native_max_audio_seconds(self) -> float:
+        """The longest audio encoded: the processor's ``max_audio_len``, or the server's lower limit."""
+        limit = self.facts.audio_seconds_limit(self.affinity)
+        cap = float(self.get_hf_processor().max_audio_len)
+        return cap if limit is None else min(cap, limit)
+
+    def get_mm_max_tokens_per_item(self, seq_len, mm_counts=None):
+        if self.facts.long_audio != "native":
+            return super().get_mm_max_tokens_per_item(seq_len, mm_counts)
+        # the stock bound of the longest accepted audio, whatever the server ratio: a request
+        # may ask for a higher keep ratio than the server default
+        windows = math.ceil(round(self.native_max_audio_seconds() / self.facts.window_seconds, 6))
+        return {"audio": self.facts.tokens_per_window * windows}
+
 
 class AffinityDummyInputsMixin:
     """Mix in front of the architecture's dummy-inputs builder: vLLM profiles memory (and,
@@ -176,8 +192,23 @@ class AffinityProcessorMixin:
         raise NotImplementedError
 
     def placeholder_token_id(self) -> int:
-        """The token id of one audio placeholder (what the replacement repeats K times)."""
-        raise NotImplementedError
+        """The token id of one audio placeholder (what the replacement repeats K times).
+        Default: the HF processor's ``audio_token`` in the tokenizer's vocabulary."""
+        processor = self.info.get_hf_processor()
+        token_id = self.info.get_tokenizer().get_vocab().get(getattr(processor, "audio_token", None))
+        return processor.audio_token_id if token_id is None else token_id
+
+    def windowed_stock_tokens(self, num_samples: int, tokens_of_frames) -> int:
+        """Stock count of a processor that cuts audio into ``chunk_length`` windows itself, up
+        to ``max_audio_len``: per window, ``tokens_of_frames`` of its mel frames
+        (ceil(samples / hop), what the feature extractor's mask marks), summed."""
+        processor = self.info.get_hf_processor()
+        fe = processor.feature_extractor
+        size = int(fe.sampling_rate * fe.chunk_length)
+        windows = min(max(1, -(-num_samples // size)), int(processor.max_audio_len // fe.chunk_length))
+        kept = min(num_samples, windows * size)
+        return sum(tokens_of_frames(-(-(min((i + 1) * size, kept) - i * size) // fe.hop_length))
+                   for i in range(windows))
 
     def kv_blocks_saved(self, prompt_len: int, n: list[int], kept: list[int], kept_deep: list[int]) -> float:
         """KV blocks not allocated against stock at the end of prefill, in stock blocks
