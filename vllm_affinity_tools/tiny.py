@@ -58,10 +58,13 @@ you are a helpful assistant. system user assistant. describe the sound. 01234567
 
 
 def build_tokenizer(
-    vocab_size: int, special_tokens: list[str] | None = None, chat_template: str | None = None
+    vocab_size: int,
+    special_tokens: list[str] | None = None,
+    chat_template: str | None = None,
+    eos_token: str = "<|im_end|>",
 ):
     """Byte-level BPE over ``_CORPUS`` with ``special_tokens`` (default: Qwen2-Audio's;
-    the first is the pad token, ``<|im_end|>`` must be among them: it is eos)."""
+    the first is the pad token, ``eos_token`` (default ``<|im_end|>``) must be among them)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,7 +84,7 @@ def build_tokenizer(
     tok.add_special_tokens(special_tokens)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
+        eos_token=eos_token,
         pad_token=special_tokens[0],
         unk_token=None,
         bos_token=None,

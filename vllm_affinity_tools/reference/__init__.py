@@ -2,13 +2,21 @@
 for parity tests and the place for modes vLLM cannot run (threshold scan)."""
 
 from .audioflamingo3 import ReferenceAudioFlamingo3
-from .base import ReferenceOutput, ReferenceSpeechLM, calibrate_keep_ratio
+from .base import (
+    ProcessorWindowedSpeechLM,
+    ReferenceOutput,
+    ReferenceSpeechLM,
+    calibrate_keep_ratio,
+)
+from .glmasr import ReferenceGlmAsr
 from .qwen2_audio import ReferenceQwen2Audio
 
 __all__ = [
     "ReferenceSpeechLM",
     "ReferenceQwen2Audio",
     "ReferenceAudioFlamingo3",
+    "ReferenceGlmAsr",
+    "ProcessorWindowedSpeechLM",
     "ReferenceOutput",
     "calibrate_keep_ratio",
 ]

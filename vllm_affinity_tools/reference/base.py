@@ -1,12 +1,14 @@
 """The architecture-independent part of the Hugging Face references: a speech LM whose
-audio embeddings replace placeholder tokens of a Qwen2-style transformers text model.
+audio embeddings replace placeholder tokens of a transformers decoder-only text model
+(Qwen2 or Llama: ``layers``, ``norm``, ``rotary_emb``).
 
 Same pooling functions as the plugin (:mod:`vllm_affinity.pooling`), no vLLM. A
 subclass provides the loading (``self.processor``, ``self.model`` with
 ``model.model.language_model`` and ``model.lm_head``, ``self.audio_token_id``),
 :meth:`ReferenceSpeechLM.audio_embeddings` (encoder + projector, padded frames
 removed, one ``(n_i, hidden)`` tensor per audio) and, if it differs,
-:meth:`ReferenceSpeechLM.prompt_ids`. Everything else is here:
+:meth:`ReferenceSpeechLM.prompt_ids`; :class:`ProcessorWindowedSpeechLM` provides the
+audio path of models whose processor cuts 30 s windows itself. Everything else is here:
 
 * each audio's embeddings are pooled to K rows (``keep_ratio`` -> K =
   ``num_kept(n, keep_ratio)``, or threshold mode) and its single placeholder in the
@@ -67,7 +69,7 @@ def _causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ReferenceSpeechLM:
-    """Base of the speech-LM references (Qwen2-Audio, AudioFlamingo3)."""
+    """Base of the speech-LM references (Qwen2-Audio, AudioFlamingo3, GLM-ASR)."""
 
     processor: Any
     model: Any
@@ -92,7 +94,7 @@ class ReferenceSpeechLM:
 
     @property
     def language_model(self):
-        """The transformers Qwen2 text model (``layers``, ``norm``, ``rotary_emb``)."""
+        """The transformers text model (Qwen2 / Llama: ``layers``, ``norm``, ``rotary_emb``)."""
         return self.model.model.language_model
 
     @property
@@ -302,6 +304,69 @@ class ReferenceSpeechLM:
             logprobs.append(lp)
         deep_kv_len = int(cache.get_seq_length(merge_layer + 1)) if max_new_tokens > 0 else 0
         return out_ids, logprobs, kept, deep_kv_len
+
+
+class ProcessorWindowedSpeechLM(ReferenceSpeechLM):
+    """A speech LM whose transformers processor cuts each audio into 30 s windows itself
+    (AudioFlamingo3, GLM-ASR): ``n_win = max(1, ceil(n / 480000))`` capped at
+    ``processor.max_audio_len // chunk_length`` (audio beyond the cap is dropped), the
+    last window holding the remainder; each window is a zero-padded 3000-frame log-mel
+    with its frame mask; the windows' valid rows are concatenated per audio.
+
+    A subclass provides :meth:`encode_windows` (encoder + projector of a batch of
+    windows, valid rows only) and :meth:`tokens_from_frames` (the processor's count).
+    """
+
+    # -- what an architecture provides ----------------------------------------------
+    def encode_windows(self, feats: torch.Tensor, fmask: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder + projector output of each window, padded rows removed: [(n_w, H)]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def tokens_from_frames(frames: int) -> int:
+        """Audio tokens of ``frames`` real mel frames (the processor's formula)."""
+        raise NotImplementedError
+
+    # -- windows ------------------------------------------------------------------------
+    def _window_geometry(self) -> tuple[int, int]:
+        """(samples per window, most windows per audio)."""
+        fe = self.processor.feature_extractor
+        return int(TARGET_SR * fe.chunk_length), int(self.processor.max_audio_len // fe.chunk_length)
+
+    def window_bounds(self, n_samples: int) -> list[tuple[int, int]]:
+        """``[(start, end)]`` sample ranges of the windows the processor cuts."""
+        size, max_windows = self._window_geometry()
+        n_win = min(max(1, -(-int(n_samples) // size)), max_windows)
+        cap = min(int(n_samples), n_win * size)
+        return [(i * size, min((i + 1) * size, cap)) for i in range(n_win)]
+
+    def split_windows(self, wave: np.ndarray) -> list[np.ndarray]:
+        """The 30 s windows the processor cuts a 16 kHz wave into."""
+        return [wave[a:b] for a, b in self.window_bounds(int(wave.shape[0]))]
+
+    @torch.no_grad()
+    def window_embeddings(self, audios: list[tuple[np.ndarray, int]]) -> list[list[torch.Tensor]]:
+        """Encoder + projector output of every 30 s window, padded rows removed:
+        ``[[(n_iw, H) per window] per audio]``."""
+        waves = [to_16k_mono(a, sr) for a, sr in audios]
+        windows = [self.split_windows(w) for w in waves]
+        flat = [x for ws in windows for x in ws]
+        feats, fmask = self.features(flat)
+        it = iter(self.encode_windows(feats, fmask))
+        return [[next(it) for _ in ws] for ws in windows]
+
+    def audio_embeddings(self, audios: list[tuple[np.ndarray, int]]) -> list[torch.Tensor]:
+        """Encoder + projector output of each audio, padded rows removed, windows
+        concatenated in time order: [(n_i, H)]."""
+        return [torch.cat(ws) for ws in self.window_embeddings(audios)]
+
+    def num_audio_tokens(self, n_samples: int) -> int:
+        """Placeholders an audio of ``n_samples`` (16 kHz) expands to (= rows of
+        :meth:`audio_embeddings`): the processor's count, from the frame mask summed
+        over the audio's windows."""
+        hop = self.processor.feature_extractor.hop_length
+        frames = sum(-(-(b - a) // hop) for a, b in self.window_bounds(n_samples))
+        return int(self.tokens_from_frames(frames))
 
 
 def calibrate_keep_ratio(
