@@ -88,6 +88,11 @@ ARCHITECTURES: dict[str, ArchFacts] = {
             "AudioFlamingo3", 30, 750, deep_stage=True, positions="rope-1d", long_audio="native",
         ),
         ArchFacts(
+            "GlmAsrForConditionalGeneration",
+            "vllm_affinity.adapters.glmasr:AffinityGlmAsrForConditionalGeneration",
+            "GLM-ASR", 30, 375, deep_stage=True, positions="rope-1d", long_audio="native",
+        ),
+        ArchFacts(
             "WhisperForConditionalGeneration",
             "vllm_affinity.adapters.whisper:AffinityWhisperForConditionalGeneration",
             "Whisper", 30, 1500, deep_stage=False, positions="learned", long_audio="truncate",

@@ -1,0 +1,227 @@
+"""The architectures added on the adapter concept (AudioFlamingo3, GLM-ASR), every test
+parametrized over them: both stages in the real vLLM CPU engine against the Hugging Face
+reference (vllm_affinity_tools.reference), on tiny random-weight checkpoints with
+sharpened attention (vllm_affinity_tools.tiny_af3, tiny_glmasr).
+
+Parity: same prompt ids, same greedy tokens, per-step log-probs within LOGPROB_TOL;
+deliberately wrong poolings are rejected; 'off' equals stock vLLM; the deep group's KV
+blocks read from the engine equal the plan and the accounting module; a real
+`vllm serve` answers an OpenAI audio chat request with the saving in usage."""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+
+import openai
+import pytest
+
+from vllm_affinity import accounting
+from vllm_affinity import pooling as P
+from vllm_affinity.plan import DeepPlan
+
+from .conftest import CACHE, ENGINE_KW, load_audio, run_engine_subprocess
+from .parity import LOGPROB_TOL, json_compare
+
+pytestmark = pytest.mark.engine
+
+MAX_NEW = 16
+SECONDS = (5.0, 12.0, 45.0)  # one window, one window, two windows (30 s + 15 s)
+RATIOS = (1.0, 0.74, 0.5)
+DEEP_SPEC = {"input": {"keep_ratio": 0.74}, "deep": {"merge_layer": 1, "keep_ratio": 0.3}}
+DEEP_REF = dict(keep_ratio=0.74, deep_merge_layer=1, deep_keep_ratio=0.3)
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str  # as in the start-up log line
+    builder: str  # vllm_affinity_tools module with build() and prompt()
+    reference: str  # class in vllm_affinity_tools.reference
+    audio_tag: str  # where the audio goes in the prompt (a long text prefix goes before it)
+    tokens_45s: int  # stock placeholders of the 45 s clip (two of the processor's own windows)
+    step_budget: int  # max_num_batched_tokens the config hook sets with a deep stage (120 s of audio)
+
+
+ARCHS = {
+    "af3": Arch("AudioFlamingo3", "tiny_af3", "ReferenceAudioFlamingo3", "<sound>", 750 + 375, 4 * 750),
+    "glmasr": Arch("GLM-ASR", "tiny_glmasr", "ReferenceGlmAsr", "<|begin_of_audio|>", 375 + 187, 4 * 375),
+}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def arch(request) -> Arch:
+    return ARCHS[request.param]
+
+
+@pytest.fixture(scope="module")
+def model(arch):
+    import importlib
+
+    builder = importlib.import_module(f"vllm_affinity_tools.{arch.builder}")
+    path = CACHE / f"tiny-{arch.builder.removeprefix('tiny_')}"
+    if not (path / "model.safetensors").exists():
+        builder.build(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clips3():
+    from vllm_affinity_tools import speech
+
+    out = []
+    for i, s in enumerate(SECONDS):
+        path = CACHE / "clips-af3" / f"a{i}-{s:g}s.wav"
+        if not path.exists():
+            speech.utterance(s, path, seed=10 + i, voice=["en-us", "en-gb", "en-us+f3"][i], sample_rate=16000)
+        out.append(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt(arch):
+    import importlib
+
+    return importlib.import_module(f"vllm_affinity_tools.{arch.builder}").prompt("What does the speaker say?")
+
+
+@pytest.fixture(scope="module")
+def hf_ref(arch, model):
+    from vllm_affinity_tools import reference
+
+    return getattr(reference, arch.reference)(str(model))
+
+
+def _job(model, prompt, requests, spec):
+    job = {"model": str(model), "prompt": prompt, "max_tokens": MAX_NEW, "logprobs": 20, "requests": requests}
+    if spec is not None:
+        job["hf_overrides"] = {"affinity": spec}
+    return job
+
+
+@pytest.fixture(scope="module")
+def runs(model, clips3, prompt, tmp_path_factory, arch):
+    """stock (plugin disabled); 'off' with per-request ratios; both stages."""
+    per_ratio = [{"audios": [str(c)], "mm_processor_kwargs": {"affinity_keep_ratio": r}}
+                 for r in RATIOS for c in clips3]
+    plain = [{"audios": [str(c)]} for c in clips3]
+    return {
+        "stock": run_engine_subprocess(_job(model, prompt, plain, None),
+                                       tmp_path_factory.mktemp(f"{arch.builder}-stock"), env={"VLLM_PLUGINS": ""}),
+        "off": run_engine_subprocess(_job(model, prompt, plain + per_ratio, "off"),
+                                     tmp_path_factory.mktemp(f"{arch.builder}-off")),
+        "deep": run_engine_subprocess(_job(model, prompt, plain, DEEP_SPEC),
+                                      tmp_path_factory.mktemp(f"{arch.builder}-deep")),
+    }
+
+
+def _ref(reference, prompt, clip, **kw):
+    return reference.generate(prompt, [load_audio(clip)], max_new_tokens=MAX_NEW, **kw)
+
+
+def test_off_is_stock(runs, clips3):
+    stock, off = runs["stock"]["results"], runs["off"]["results"][: len(clips3)]
+    assert "vllm-affinity" not in runs["stock"]["log"]
+    for s, o in zip(stock, off):
+        assert o["prompt_token_ids"] == s["prompt_token_ids"]
+        assert o["token_ids"] == s["token_ids"]
+        # the 'off' engine batches these with 9 more requests: float noise only (~5e-7)
+        diff = max(abs(o["logprobs"][i][t] - v) for i, step in enumerate(s["logprobs"]) for t, v in step.items())
+        assert diff < 1e-5
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_input_stage_matches_reference(runs, clips3, hf_ref, prompt, ratio, arch):
+    res = runs["off"]["results"][len(clips3) * (1 + RATIOS.index(ratio)):][: len(clips3)]
+    for clip, r in zip(clips3, res):
+        ref = _ref(hf_ref, prompt, clip, keep_ratio=ratio)
+        n = hf_ref.num_audio_tokens(len(load_audio(clip)[0]))
+        assert ref.audio_tokens_in == [n] and ref.audio_tokens_kept == [P.num_kept(n, ratio)]
+        parity = json_compare(r, ref)
+        print(f"\n{arch.name} input stage {clip.name} ratio {ratio}: audio {n} -> {ref.audio_tokens_kept[0]}; {parity}")
+        assert parity.ok, f"{clip.name} ratio {ratio}: {parity}"
+
+
+def test_deep_stage_matches_reference(runs, clips3, hf_ref, prompt, arch):
+    for clip, r in zip(clips3, runs["deep"]["results"]):
+        ref = _ref(hf_ref, prompt, clip, **DEEP_REF)
+        parity = json_compare(r, ref)
+        print(f"\n{arch.name} both stages {clip.name}: audio {ref.audio_tokens_in[0]} -> {ref.audio_tokens_kept[0]} "
+              f"-> {ref.deep_tokens_kept[0]} above layer 1; {parity}")
+        assert parity.ok, f"{clip.name}: {parity}"
+        assert ref.deep_tokens_kept == [P.num_kept(ref.audio_tokens_kept[0], 0.3)]
+
+
+WRONG = {
+    "input uniform bins": dict(DEEP_REF, method="uniform"),
+    "deep window 1": dict(DEEP_REF, deep_window=1),
+    "deep uniform bins": dict(DEEP_REF, deep_method="uniform"),
+    "merge one layer late": dict(DEEP_REF, deep_merge_layer=2),
+}
+
+
+@pytest.mark.parametrize("variant", list(WRONG))
+def test_wrong_pooling_is_rejected(runs, clips3, hf_ref, prompt, variant, arch):
+    """The parity check is sensitive: each deliberately wrong pooling fails it."""
+    diffs = [json_compare(r, _ref(hf_ref, prompt, clip, **WRONG[variant]))
+             for clip, r in zip(clips3, runs["deep"]["results"])]
+    print(f"\n{arch.name} wrong pooling '{variant}': max |dlogprob| {max(p.max_logprob_diff for p in diffs):.2e}")
+    assert not any(p.ok for p in diffs), [str(p) for p in diffs]
+    assert max(p.max_logprob_diff for p in diffs) > 10 * LOGPROB_TOL
+
+
+def test_deep_kv_blocks_equal_the_plan(model, clips3, prompt, tmp_path, arch):
+    long_prompt = prompt.replace(arch.audio_tag, "hello " * 300 + arch.audio_tag)
+    job = {"model": str(model), "hf_overrides": {"affinity": DEEP_SPEC}, "prompt": prompt,
+           "long_prompt": long_prompt, "audio": str(clips3[2]), "max_tokens": 4, "engine_kw": ENGINE_KW,
+           "engine_kw_extra": {"block_size": BLOCK, "enable_chunked_prefill": True}, "out": str(tmp_path / "o.json")}
+    kv = run_engine_subprocess({**job, "task": "kv_probe"}, tmp_path)
+    assert kv["groups"] == ["FullAttentionSpec", "AffinityDeepAttentionSpec"]
+    (offset, k_in), = kv["audio_ranges"]
+    assert k_in == P.num_kept(arch.tokens_45s, 0.74)  # 45 s: two windows before pooling
+    n = kv["num_computed_tokens"]
+    compacted = DeepPlan.from_ranges([(offset, k_in)], 0.3).compacted(n)
+    assert compacted == n - (k_in - P.num_kept(k_in, 0.3))
+    assert kv["blocks"] == accounting.KVLayout(4, 1).blocks_per_group(n, compacted, BLOCK)
+    assert kv["blocks"] == [math.ceil(n / BLOCK), math.ceil(compacted / BLOCK)]
+    assert kv["free_after_finish"] == kv["free_initial"] == kv["free_after_cancel"]
+    print(f"\n{arch.name} 45 s clip, {n} tokens computed: blocks per group {kv['blocks']} (block {BLOCK}); "
+          f"stock would hold {math.ceil((n + arch.tokens_45s - k_in) / BLOCK)} in every layer")
+
+
+def test_small_step_budget_still_answers_long_audio(model, clips3, prompt, tmp_path, arch):
+    """Deep stage, max_num_batched_tokens=256 and a 45 s clip (more placeholders than the
+    budget, never split): the config hook raises the budget to the longest audio, the
+    request is answered."""
+    job = _job(model, prompt, [{"audios": [str(clips3[2])]}], "paper-aggressive")
+    job["engine_kw_extra"] = {"max_num_batched_tokens": 256}
+    out = run_engine_subprocess(job, tmp_path)
+    assert len(out["results"][0]["token_ids"]) == MAX_NEW
+    assert f"max_num_batched_tokens 256 -> {arch.step_budget}" in out["log"]
+
+
+@pytest.mark.server
+def test_vllm_serve_answers_an_audio_chat_with_the_saving(model, clips3, hf_ref, tmp_path, arch):
+    from vllm_affinity_tools.demo import CPU_ARGS
+    from vllm_affinity_tools.serving import ServerProcess
+
+    clip = clips3[1]
+    n = hf_ref.num_audio_tokens(len(load_audio(clip)[0]))
+    k_in = P.num_kept(n, 0.7432)
+    messages = [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip.read_bytes()).decode(), "format": "wav"}},
+        {"type": "text", "text": "What does the speaker say?"}]}]
+    with ServerProcess(model, ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS],
+                       log_path=tmp_path / "server.log", served_model_name="af3",
+                       env={"VLLM_LOGGING_LEVEL": "DEBUG"}) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=120)
+        pooled = client.chat.completions.create(model="af3", messages=messages, max_tokens=4, temperature=0)
+        stock = client.chat.completions.create(model="af3", messages=messages, max_tokens=4, temperature=0,
+                                               extra_body={"mm_processor_kwargs": {"affinity_keep_ratio": 1.0}})
+        log = srv.log()
+    assert stock.usage.prompt_tokens - pooled.usage.prompt_tokens == n - k_in > 0
+    assert pooled.choices[0].finish_reason == "length"
+    assert f"vllm-affinity: audio tokens [{n}] -> [{k_in}] (keep_ratio=0.7432)" in log
+    assert f"vllm-affinity: {arch.name} with Affinity Pooling, input stage: keep_ratio=0.7432" in log
+    assert "Traceback" not in log
