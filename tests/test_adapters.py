@@ -21,7 +21,7 @@ from vllm_affinity import accounting
 from vllm_affinity import pooling as P
 from vllm_affinity.plan import DeepPlan
 
-from .conftest import CACHE, ENGINE_KW, load_audio, run_engine_subprocess
+from .conftest import CACHE, ENGINE_KW, ROOT, load_audio, run_engine_subprocess
 from .parity import LOGPROB_TOL, json_compare
 
 pytestmark = pytest.mark.engine
@@ -40,13 +40,24 @@ class Arch:
     builder: str  # vllm_affinity_tools module with build() and prompt()
     reference: str  # class in vllm_affinity_tools.reference
     audio_tag: str  # where the audio goes in the prompt (a long text prefix goes before it)
-    tokens_45s: int  # stock placeholders of the 45 s clip (two of the processor's own windows)
+    tokens_45s: int  # stock placeholders of the 45 s clip
     step_budget: int  # max_num_batched_tokens the config hook sets with a deep stage (120 s of audio)
+    stock_env: tuple = ()  # extra environment of the stock (plugin disabled) engine run
+    #: log-prob tolerance against the reference. Qwen3-ASR: stock vLLM itself (plugin off, keep
+    #: 1.0) differs from transformers' Qwen3-ASR by up to 9e-4 on this sharpened tiny model
+    #: (its encoder's float path), so pooled rows inherit ~2e-3; wrong poolings move > 1.4
+    logprob_tol: float = LOGPROB_TOL
+
+    def ok(self, parity) -> bool:
+        return parity.same_prompt and parity.same_tokens and parity.max_logprob_diff <= self.logprob_tol
 
 
 ARCHS = {
     "af3": Arch("AudioFlamingo3", "tiny_af3", "ReferenceAudioFlamingo3", "<sound>", 750 + 375, 4 * 750),
     "glmasr": Arch("GLM-ASR", "tiny_glmasr", "ReferenceGlmAsr", "<|begin_of_audio|>", 375 + 187, 4 * 375),
+    # no windows: 13 tokens per second; stock vLLM imports it on CPU only with the stand-in
+    "qwen3asr": Arch("Qwen3-ASR", "tiny_qwen3asr", "ReferenceQwen3Asr", "<|audio_start|>", 45 * 13, 4 * 390,
+                     stock_env=(("PYTHONPATH", str(ROOT / "tests" / "helpers" / "stock_site")),), logprob_tol=5e-3),
 }
 
 
@@ -108,7 +119,8 @@ def runs(model, clips3, prompt, tmp_path_factory, arch):
     plain = [{"audios": [str(c)]} for c in clips3]
     return {
         "stock": run_engine_subprocess(_job(model, prompt, plain, None),
-                                       tmp_path_factory.mktemp(f"{arch.builder}-stock"), env={"VLLM_PLUGINS": ""}),
+                                       tmp_path_factory.mktemp(f"{arch.builder}-stock"),
+                                       env={"VLLM_PLUGINS": "", **dict(arch.stock_env)}),
         "off": run_engine_subprocess(_job(model, prompt, plain + per_ratio, "off"),
                                      tmp_path_factory.mktemp(f"{arch.builder}-off")),
         "deep": run_engine_subprocess(_job(model, prompt, plain, DEEP_SPEC),
@@ -126,9 +138,10 @@ def test_off_is_stock(runs, clips3):
     for s, o in zip(stock, off):
         assert o["prompt_token_ids"] == s["prompt_token_ids"]
         assert o["token_ids"] == s["token_ids"]
-        # the 'off' engine batches these with 9 more requests: float noise only (~5e-7)
+        # the 'off' engine batches these with 9 more requests: float noise only (measured
+        # 5e-7 to 1.2e-5; a wrong pooling moves log-probs by > 1, test_wrong_pooling_is_rejected)
         diff = max(abs(o["logprobs"][i][t] - v) for i, step in enumerate(s["logprobs"]) for t, v in step.items())
-        assert diff < 1e-5
+        assert diff < LOGPROB_TOL / 10
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
@@ -140,7 +153,7 @@ def test_input_stage_matches_reference(runs, clips3, hf_ref, prompt, ratio, arch
         assert ref.audio_tokens_in == [n] and ref.audio_tokens_kept == [P.num_kept(n, ratio)]
         parity = json_compare(r, ref)
         print(f"\n{arch.name} input stage {clip.name} ratio {ratio}: audio {n} -> {ref.audio_tokens_kept[0]}; {parity}")
-        assert parity.ok, f"{clip.name} ratio {ratio}: {parity}"
+        assert arch.ok(parity), f"{clip.name} ratio {ratio}: {parity}"
 
 
 def test_deep_stage_matches_reference(runs, clips3, hf_ref, prompt, arch):
@@ -149,7 +162,7 @@ def test_deep_stage_matches_reference(runs, clips3, hf_ref, prompt, arch):
         parity = json_compare(r, ref)
         print(f"\n{arch.name} both stages {clip.name}: audio {ref.audio_tokens_in[0]} -> {ref.audio_tokens_kept[0]} "
               f"-> {ref.deep_tokens_kept[0]} above layer 1; {parity}")
-        assert parity.ok, f"{clip.name}: {parity}"
+        assert arch.ok(parity), f"{clip.name}: {parity}"
         assert ref.deep_tokens_kept == [P.num_kept(ref.audio_tokens_kept[0], 0.3)]
 
 
@@ -167,8 +180,8 @@ def test_wrong_pooling_is_rejected(runs, clips3, hf_ref, prompt, variant, arch):
     diffs = [json_compare(r, _ref(hf_ref, prompt, clip, **WRONG[variant]))
              for clip, r in zip(clips3, runs["deep"]["results"])]
     print(f"\n{arch.name} wrong pooling '{variant}': max |dlogprob| {max(p.max_logprob_diff for p in diffs):.2e}")
-    assert not any(p.ok for p in diffs), [str(p) for p in diffs]
-    assert max(p.max_logprob_diff for p in diffs) > 10 * LOGPROB_TOL
+    assert not any(arch.ok(p) for p in diffs), [str(p) for p in diffs]
+    assert max(p.max_logprob_diff for p in diffs) > 10 * arch.logprob_tol
 
 
 def test_deep_kv_blocks_equal_the_plan(model, clips3, prompt, tmp_path, arch):

@@ -93,6 +93,11 @@ ARCHITECTURES: dict[str, ArchFacts] = {
             "GLM-ASR", 30, 375, deep_stage=True, positions="rope-1d", long_audio="native",
         ),
         ArchFacts(
+            "Qwen3ASRForConditionalGeneration",
+            "vllm_affinity.adapters.qwen3_asr:AffinityQwen3AsrForConditionalGeneration",
+            "Qwen3-ASR", 30, 390, deep_stage=True, positions="rope-1d", long_audio="native",
+        ),
+        ArchFacts(
             "WhisperForConditionalGeneration",
             "vllm_affinity.adapters.whisper:AffinityWhisperForConditionalGeneration",
             "Whisper", 30, 1500, deep_stage=False, positions="learned", long_audio="truncate",

@@ -140,10 +140,15 @@ def qwen2_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads
     }
 
 
-def sharpen_and_save(model, config, processor, out: Path, *, sharpen: float, eot: int, im_end: int) -> None:
+def sharpen_and_save(
+    model, config, processor, out: Path, *, sharpen: float, eot: int, im_end: int, hub_name=None
+) -> None:
     """Scale the text layers' q/k projections (sharp attention makes small errors show in
     logits), then write the weights under the hub names vLLM expects, the config, the
-    processor and a greedy generation config."""
+    processor and a greedy generation config.
+
+    ``hub_name`` (default :func:`_hub_name`) maps a transformers parameter name to its
+    saved name, or to None to leave the tensor out (e.g. a tied ``lm_head``)."""
     import torch
     from safetensors.torch import save_file
 
@@ -151,7 +156,9 @@ def sharpen_and_save(model, config, processor, out: Path, *, sharpen: float, eot
         for layer in model.model.language_model.layers:
             layer.self_attn.q_proj.weight.mul_(sharpen)
             layer.self_attn.k_proj.weight.mul_(sharpen)
-    state = {_hub_name(k): v.contiguous() for k, v in model.state_dict().items()}
+    rename = _hub_name if hub_name is None else hub_name
+    state = {rename(k): v.contiguous() for k, v in model.state_dict().items()}
+    state.pop(None, None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
     processor.save_pretrained(out)

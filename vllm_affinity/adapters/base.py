@@ -50,6 +50,8 @@ from ..config import (
 logger = logging.getLogger("vllm.affinity")
 
 NUM_KEPT_FIELD = "affinity_num_kept"
+#: processed-data keys of audio features (their absence means precomputed embeddings)
+FEATURE_KEYS = ("input_features", "input_audio_features")
 SAMPLE_RATE = 16000
 STATS_INTERVAL_S = 10.0
 FAULT_ENV = "VLLM_AFFINITY_INJECT_FAULT"
@@ -127,8 +129,9 @@ class AffinityInfoMixin:
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self.facts = facts_for(self.ARCH)
-        # validated once per engine; a bad SPEC fails here, at start-up
-        self.affinity = validated_config(self.facts, self.get_hf_config())
+        # validated once per engine; a bad SPEC fails here, at start-up. --hf-overrides lands on
+        # the top-level HF config (some architectures' get_hf_config() returns a sub-config)
+        self.affinity = validated_config(self.facts, self.ctx.model_config.hf_config)
         self.stats = TokenStats()
 
     def get_hf_processor(self, **kwargs: object):
@@ -145,8 +148,10 @@ class AffinityInfoMixin:
     def native_max_audio_seconds(self) -> float:
         """The longest audio encoded: the processor's ``max_audio_len``, or the server's lower limit."""
         limit = self.facts.audio_seconds_limit(self.affinity)
-        cap = float(self.get_hf_processor().max_audio_len)
-        return cap if limit is None else min(cap, limit)
+        cap = getattr(self.get_hf_processor(), "max_audio_len", None)
+        if cap is None:  # no cap of its own: the stock budget is profiled on one window
+            return float(limit if limit is not None else self.facts.window_seconds)
+        return float(cap) if limit is None else min(float(cap), limit)
 
     def get_mm_max_tokens_per_item(self, seq_len, mm_counts=None):
         if self.facts.long_audio != "native":
@@ -319,7 +324,7 @@ class AffinityProcessorMixin:
         audios = None
         if isinstance(hf_data, Mapping):  # vLLM's key is "audios"; some processors rename it
             audios = hf_data.get("audio", hf_data.get("audios"))
-        if not audios or "input_features" not in processed_data:  # precomputed embeddings: nothing to pool
+        if not audios or not any(k in processed_data for k in FEATURE_KEYS):  # precomputed embeddings
             return processed_data
         audios = audios if isinstance(audios, list) else [audios]
         _, k = self.kept_counts([len(a) for a in audios], self.keep_ratio(hf_processor_mm_kwargs))
@@ -466,8 +471,8 @@ class AffinityModelMixin:
             line += f"; encoder_real_length is ignored for {facts.name} (its encoder runs as stock)"
         if facts.long_audio == "native":
             limit = facts.audio_seconds_limit(self.affinity)
-            line += (f"; audio over {facts.window_seconds:g} s is split into windows by {facts.name}'s own "
-                     + (f"processor, up to {limit:g} s" if limit is not None else "processor (its own limit)"))
+            line += (f"; audio over {facts.window_seconds:g} s is handled by {facts.name}'s own processor"
+                     + (f", up to {limit:g} s" if limit is not None else ""))
         return line
 
     def decoder(self):

@@ -10,12 +10,14 @@ from .base import (
 )
 from .glmasr import ReferenceGlmAsr
 from .qwen2_audio import ReferenceQwen2Audio
+from .qwen3asr import ReferenceQwen3Asr
 
 __all__ = [
     "ReferenceSpeechLM",
     "ReferenceQwen2Audio",
     "ReferenceAudioFlamingo3",
     "ReferenceGlmAsr",
+    "ReferenceQwen3Asr",
     "ProcessorWindowedSpeechLM",
     "ReferenceOutput",
     "calibrate_keep_ratio",
