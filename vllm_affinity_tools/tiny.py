@@ -107,7 +107,6 @@ def _hub_name(name: str) -> str:
     raise ValueError(f"unexpected parameter name {name!r}")
 
 
-
 def audio_encoder_config(model_type: str, layers: int, d_model: int, heads: int) -> dict:
     """A tiny Whisper-style audio encoder (128 mel bins, 1500 positions)."""
     return {
@@ -121,10 +120,13 @@ def audio_encoder_config(model_type: str, layers: int, d_model: int, heads: int)
     }
 
 
-def qwen2_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, im_end: int) -> dict:
-    """A tiny Qwen2 decoder."""
+def decoder_config(
+    model_type: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, eos: int, **extra
+) -> dict:
+    """A tiny decoder text config: the keys every builder's shares (FFN 2 x hidden, 4096
+    positions, ``<|endoftext|>`` as bos), plus ``extra``."""
     return {
-        "model_type": "qwen2",
+        "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": hidden * 2,
@@ -132,12 +134,18 @@ def qwen2_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
         "bos_token_id": eot,
-        "eos_token_id": im_end,
+        "eos_token_id": eos,
+        **extra,
     }
+
+
+def qwen2_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, im_end: int) -> dict:
+    """A tiny Qwen2 decoder."""
+    return decoder_config(
+        "qwen2", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=im_end,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+    )
 
 
 def sharpen_and_save(
@@ -165,6 +173,84 @@ def sharpen_and_save(
     gen = {"eos_token_id": im_end, "pad_token_id": eot, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
+
+# -- steps every builder shares -----------------------------------------------------------
+def prepare_out(
+    out_dir: str | Path,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    *,
+    audio_d_model: int | None = None,
+    audio_heads: int | None = None,
+    max_audio_len: int | None = None,
+) -> Path:
+    """Validate the shapes (text head_dim, and the audio head_dim / ``max_audio_len``
+    where given) and create ``out_dir``."""
+    if hidden % heads or heads % kv_heads:
+        raise ValueError("--hidden must be divisible by --heads, --heads by --kv-heads")
+    if hidden // heads < 32:
+        raise ValueError(f"head_dim = hidden / heads = {hidden // heads}; vLLM's CPU attention needs >= 32")
+    if audio_heads is not None and (audio_d_model % audio_heads or audio_d_model // audio_heads < 32):
+        raise ValueError("audio head_dim = audio_d_model / audio_heads must be an integer >= 32")
+    if max_audio_len is not None and max_audio_len < 30:
+        raise ValueError("max_audio_len must be >= 30 s (one window)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def whisper_processor(processor_cls, tokenizer, chat_template: str, *, attention_mask: bool = False, **kwargs):
+    """``processor_cls`` over a 128-bin, 30 s Whisper feature extractor (with the frame
+    mask if ``attention_mask``); ``kwargs`` go to the processor."""
+    from transformers import WhisperFeatureExtractor
+
+    fe_kwargs = {"return_attention_mask": True} if attention_mask else {}
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=30, **fe_kwargs)
+    return processor_cls(feature_extractor=fe, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+
+
+def special_ids(tokenizer, audio_token: str, eos_token: str = "<|im_end|>") -> tuple[int, int, int, int]:
+    """(audio placeholder id, eos id, ``<|endoftext|>`` id, vocab size)."""
+    return (
+        tokenizer.convert_tokens_to_ids(audio_token),
+        tokenizer.convert_tokens_to_ids(eos_token),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        len(tokenizer),
+    )
+
+
+def init_model(model_cls, config, seed: int):
+    """``model_cls(config)`` in float32 eval mode, seeded; the config names the architecture."""
+    import torch
+
+    config.architectures = [model_cls.__name__]
+    config.dtype = "float32"
+    torch.manual_seed(seed)
+    return model_cls(config).float().eval()
+
+
+def check_reload(model_cls, model_dir: str | Path, expected: dict | None = None, *, tied: tuple[str, str] | None = None) -> None:
+    """transformers reloads ``model_dir`` as ``model_cls`` with no missing, unexpected or
+    mismatched keys (and, given ``expected``, the very same tensors; given ``tied``, a
+    pair of names whose reloaded tensors must be equal, e.g. lm_head and embeddings)."""
+    import torch
+
+    model, info = model_cls.from_pretrained(str(model_dir), dtype=torch.float32, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise RuntimeError(f"transformers reload of {model_dir} is not clean: {bad}")
+    got = model.state_dict()
+    if tied is not None and not torch.equal(got[tied[0]], got[tied[1]]):
+        raise RuntimeError("lm_head is not tied to the embeddings after reload")
+    if expected is not None:
+        if set(got) != set(expected):
+            raise RuntimeError(f"reloaded keys differ: {sorted(set(got) ^ set(expected))[:10]}")
+        for k, v in expected.items():
+            if not torch.equal(got[k], v):
+                raise RuntimeError(f"reloaded tensor {k} differs from the saved one")
+
+
 def build(
     out_dir: str | Path,
     *,
@@ -178,47 +264,29 @@ def build(
     audio_d_model: int = 64,
     vocab_size: int = 512,
 ) -> Path:
-    import torch
     from transformers import (
         Qwen2AudioConfig,
         Qwen2AudioForConditionalGeneration,
         Qwen2AudioProcessor,
-        WhisperFeatureExtractor,
     )
 
-    if hidden % heads or heads % kv_heads:
-        raise ValueError("--hidden must be divisible by --heads, --heads by --kv-heads")
-    if hidden // heads < 32:
-        raise ValueError(f"head_dim = hidden / heads = {hidden // heads}; vLLM's CPU attention needs >= 32")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
+    out = prepare_out(out_dir, hidden, heads, kv_heads)
     tokenizer = build_tokenizer(vocab_size)
-    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=30)
-    processor = Qwen2AudioProcessor(
-        feature_extractor=fe, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
-    )
-    audio_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    vocab = len(tokenizer)
+    processor = whisper_processor(Qwen2AudioProcessor, tokenizer, CHAT_TEMPLATE)
+    audio_id, im_end, eot, vocab = special_ids(tokenizer, "<|AUDIO|>")
 
     config = Qwen2AudioConfig(
         audio_config=audio_encoder_config("qwen2_audio_encoder", audio_layers, audio_d_model, heads=2),
         text_config=qwen2_text_config(vocab, hidden, layers, heads, kv_heads, eot=eot, im_end=im_end),
         audio_token_index=audio_id,
     )
-    config.architectures = ["Qwen2AudioForConditionalGeneration"]
-    config.dtype = "float32"
-
-    torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(config).float().eval()
+    model = init_model(Qwen2AudioForConditionalGeneration, config, seed)
     sharpen_and_save(model, config, processor, out, sharpen=sharpen, eot=eot, im_end=im_end)
     return out
 
 
-def builder_args(prog: str, description: str, hidden: int) -> argparse.ArgumentParser:
-    """The command line every tiny builder shares."""
+def builder_args(prog: str, description: str, hidden: int, max_audio_len: bool = False) -> argparse.ArgumentParser:
+    """The command line every tiny builder shares (``--max-audio-len`` where asked)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("out_dir")
     p.add_argument("--layers", type=int, default=4)
@@ -227,6 +295,8 @@ def builder_args(prog: str, description: str, hidden: int) -> argparse.ArgumentP
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sharpen", type=float, default=8.0, help="scale of text q/k weights (default 8)")
+    if max_audio_len:
+        p.add_argument("--max-audio-len", type=int, default=60, help="seconds per audio, multiple of 30 (default 60)")
     return p
 
 
@@ -234,11 +304,18 @@ def shape_kwargs(a: argparse.Namespace) -> dict:
     return dict(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, seed=a.seed, sharpen=a.sharpen)
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = builder_args("python -m vllm_affinity_tools.tiny", __doc__.split("\n\n")[0], hidden=128).parse_args(argv)
-    out = build(a.out_dir, **shape_kwargs(a))
-    print(f"tiny Qwen2-Audio written to {out}")
+def run_builder(
+    build, name: str, prog: str, doc: str, *, hidden: int, max_audio_len: bool = False, argv: list[str] | None = None
+) -> None:
+    """A tiny builder's command line: parse :func:`builder_args`, ``build``, say where."""
+    a = builder_args(prog, doc.split("\n\n")[0], hidden=hidden, max_audio_len=max_audio_len).parse_args(argv)
+    extra = {"max_audio_len": a.max_audio_len} if max_audio_len else {}
+    out = build(a.out_dir, **shape_kwargs(a), **extra)
+    print(f"tiny {name} written to {out}")
 
+
+def main(argv: list[str] | None = None) -> None:
+    run_builder(build, "Qwen2-Audio", "python -m vllm_affinity_tools.tiny", __doc__, hidden=128, argv=argv)
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tiny import audio_encoder_config, build_tokenizer, builder_args, qwen2_text_config, shape_kwargs, sharpen_and_save
+from . import tiny
+from .tiny import (
+    audio_encoder_config,
+    build_tokenizer,
+    qwen2_text_config,
+    sharpen_and_save,
+)
 
 AUDIO_TOKEN = "<sound>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_TOKEN]
@@ -79,51 +85,28 @@ def build(
     max_audio_len: int = 60,
     verify: bool = True,
 ) -> Path:
-    import torch
     from transformers import (
         AudioFlamingo3Config,
         AudioFlamingo3ForConditionalGeneration,
         AudioFlamingo3Processor,
-        WhisperFeatureExtractor,
     )
 
-    if hidden % heads or heads % kv_heads:
-        raise ValueError("--hidden must be divisible by --heads, --heads by --kv-heads")
-    if hidden // heads < 32:
-        raise ValueError(f"head_dim = hidden / heads = {hidden // heads}; vLLM's CPU attention needs >= 32")
-    if audio_d_model % audio_heads or audio_d_model // audio_heads < 32:
-        raise ValueError("audio head_dim = audio_d_model / audio_heads must be an integer >= 32")
-    if max_audio_len < 30:
-        raise ValueError("max_audio_len must be >= 30 s (one window)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
+    out = tiny.prepare_out(
+        out_dir, hidden, heads, kv_heads, audio_d_model=audio_d_model, audio_heads=audio_heads, max_audio_len=max_audio_len
+    )
     tokenizer = build_tokenizer(vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE)
-    fe = WhisperFeatureExtractor(
-        feature_size=128, sampling_rate=16000, chunk_length=30, return_attention_mask=True
+    processor = tiny.whisper_processor(
+        AudioFlamingo3Processor, tokenizer, CHAT_TEMPLATE,
+        attention_mask=True, audio_token=AUDIO_TOKEN, max_audio_len=max_audio_len,
     )
-    processor = AudioFlamingo3Processor(
-        feature_extractor=fe,
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        audio_token=AUDIO_TOKEN,
-        max_audio_len=max_audio_len,
-    )
-    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    vocab = len(tokenizer)
+    audio_id, im_end, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN)
 
     config = AudioFlamingo3Config(
         audio_config=audio_encoder_config("audioflamingo3_encoder", audio_layers, audio_d_model, heads=audio_heads),
         text_config=qwen2_text_config(vocab, hidden, layers, heads, kv_heads, eot=eot, im_end=im_end),
         audio_token_id=audio_id,
     )
-    config.architectures = ["AudioFlamingo3ForConditionalGeneration"]
-    config.dtype = "float32"
-
-    torch.manual_seed(seed)
-    model = AudioFlamingo3ForConditionalGeneration(config).float().eval()
+    model = tiny.init_model(AudioFlamingo3ForConditionalGeneration, config, seed)
     sharpen_and_save(model, config, processor, out, sharpen=sharpen, eot=eot, im_end=im_end)
     if verify:
         check_reload(out, model.state_dict())
@@ -131,33 +114,16 @@ def build(
 
 
 def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
-    """transformers reloads ``model_dir`` with no missing, unexpected or mismatched
-    keys (and, given ``expected``, the very same tensors)."""
-    import torch
+    """:func:`~.tiny.check_reload` as ``AudioFlamingo3ForConditionalGeneration``."""
     from transformers import AudioFlamingo3ForConditionalGeneration
 
-    model, info = AudioFlamingo3ForConditionalGeneration.from_pretrained(
-        str(model_dir), dtype=torch.float32, output_loading_info=True
-    )
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise RuntimeError(f"transformers reload of {model_dir} is not clean: {bad}")
-    if expected is not None:
-        got = model.state_dict()
-        if set(got) != set(expected):
-            raise RuntimeError(f"reloaded keys differ: {sorted(set(got) ^ set(expected))[:10]}")
-        for k, v in expected.items():
-            if not torch.equal(got[k], v):
-                raise RuntimeError(f"reloaded tensor {k} differs from the saved one")
+    tiny.check_reload(AudioFlamingo3ForConditionalGeneration, model_dir, expected)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = builder_args("python -m vllm_affinity_tools.tiny_af3", __doc__.split("\n\n")[0], hidden=256)
-    p.add_argument("--max-audio-len", type=int, default=60, help="seconds per audio, multiple of 30 (default 60)")
-    a = p.parse_args(argv)
-    out = build(a.out_dir, **shape_kwargs(a), max_audio_len=a.max_audio_len)
-    print(f"tiny AudioFlamingo3 written to {out}")
-
+    tiny.run_builder(
+        build, "AudioFlamingo3", "python -m vllm_affinity_tools.tiny_af3", __doc__, hidden=256, max_audio_len=True, argv=argv
+    )
 
 if __name__ == "__main__":
     main()

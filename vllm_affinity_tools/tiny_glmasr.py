@@ -35,7 +35,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tiny import build_tokenizer, builder_args, shape_kwargs, sharpen_and_save
+from . import tiny
+from .tiny import build_tokenizer, sharpen_and_save
 
 AUDIO_TOKEN = "<|pad|>"
 AUDIO_BEGIN, AUDIO_END = "<|begin_of_audio|>", "<|end_of_audio|>"
@@ -95,23 +96,11 @@ def encoder_config(layers: int, d_model: int, heads: int) -> dict:
 
 def llama_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, eos: int) -> dict:
     """A tiny Llama decoder (every key GlmAsrConfig would otherwise fill from the hub's)."""
-    return {
-        "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 2,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": hidden // heads,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-        "tie_word_embeddings": False,
-        "bos_token_id": eot,
-        "eos_token_id": eos,
-        "pad_token_id": eot,
-    }
+    return tiny.decoder_config(
+        "llama", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
+        head_dim=hidden // heads, rms_norm_eps=1e-5, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        tie_word_embeddings=False, pad_token_id=eot,
+    )
 
 
 def build(
@@ -130,42 +119,23 @@ def build(
     max_audio_len: int = 60,
     verify: bool = True,
 ) -> Path:
-    import torch
     from transformers import (
         GlmAsrConfig,
         GlmAsrForConditionalGeneration,
         GlmAsrProcessor,
-        WhisperFeatureExtractor,
     )
 
-    if hidden % heads or heads % kv_heads:
-        raise ValueError("--hidden must be divisible by --heads, --heads by --kv-heads")
-    if hidden // heads < 32:
-        raise ValueError(f"head_dim = hidden / heads = {hidden // heads}; vLLM's CPU attention needs >= 32")
-    if audio_d_model % audio_heads or audio_d_model // audio_heads < 32:
-        raise ValueError("audio head_dim = audio_d_model / audio_heads must be an integer >= 32")
-    if max_audio_len < 30:
-        raise ValueError("max_audio_len must be >= 30 s (one window)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
+    out = tiny.prepare_out(
+        out_dir, hidden, heads, kv_heads, audio_d_model=audio_d_model, audio_heads=audio_heads, max_audio_len=max_audio_len
+    )
     tokenizer = build_tokenizer(
         vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, eos_token=EOS_TOKEN
     )
-    fe = WhisperFeatureExtractor(
-        feature_size=128, sampling_rate=16000, chunk_length=30, return_attention_mask=True
+    processor = tiny.whisper_processor(
+        GlmAsrProcessor, tokenizer, CHAT_TEMPLATE,
+        attention_mask=True, audio_token=AUDIO_TOKEN, max_audio_len=max_audio_len,
     )
-    processor = GlmAsrProcessor(
-        feature_extractor=fe,
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        audio_token=AUDIO_TOKEN,
-        max_audio_len=max_audio_len,
-    )
-    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
-    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    vocab = len(tokenizer)
+    audio_id, eos, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN, EOS_TOKEN)
 
     config = GlmAsrConfig(
         audio_config=encoder_config(audio_layers, audio_d_model, audio_heads),
@@ -173,11 +143,7 @@ def build(
         audio_token_id=audio_id,
         tie_word_embeddings=False,
     )
-    config.architectures = ["GlmAsrForConditionalGeneration"]
-    config.dtype = "float32"
-
-    torch.manual_seed(seed)
-    model = GlmAsrForConditionalGeneration(config).float().eval()
+    model = tiny.init_model(GlmAsrForConditionalGeneration, config, seed)
     sharpen_and_save(model, config, processor, out, sharpen=sharpen, eot=eot, im_end=eos)
     if verify:
         check_reload(out, model.state_dict())
@@ -185,33 +151,16 @@ def build(
 
 
 def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
-    """transformers reloads ``model_dir`` with no missing, unexpected or mismatched
-    keys (and, given ``expected``, the very same tensors)."""
-    import torch
+    """:func:`~.tiny.check_reload` as ``GlmAsrForConditionalGeneration``."""
     from transformers import GlmAsrForConditionalGeneration
 
-    model, info = GlmAsrForConditionalGeneration.from_pretrained(
-        str(model_dir), dtype=torch.float32, output_loading_info=True
-    )
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise RuntimeError(f"transformers reload of {model_dir} is not clean: {bad}")
-    if expected is not None:
-        got = model.state_dict()
-        if set(got) != set(expected):
-            raise RuntimeError(f"reloaded keys differ: {sorted(set(got) ^ set(expected))[:10]}")
-        for k, v in expected.items():
-            if not torch.equal(got[k], v):
-                raise RuntimeError(f"reloaded tensor {k} differs from the saved one")
+    tiny.check_reload(GlmAsrForConditionalGeneration, model_dir, expected)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = builder_args("python -m vllm_affinity_tools.tiny_glmasr", __doc__.split("\n\n")[0], hidden=256)
-    p.add_argument("--max-audio-len", type=int, default=60, help="seconds per audio, multiple of 30 (default 60)")
-    a = p.parse_args(argv)
-    out = build(a.out_dir, **shape_kwargs(a), max_audio_len=a.max_audio_len)
-    print(f"tiny GLM-ASR written to {out}")
-
+    tiny.run_builder(
+        build, "GLM-ASR", "python -m vllm_affinity_tools.tiny_glmasr", __doc__, hidden=256, max_audio_len=True, argv=argv
+    )
 
 if __name__ == "__main__":
     main()

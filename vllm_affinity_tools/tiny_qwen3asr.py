@@ -32,7 +32,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .tiny import build_tokenizer, builder_args, shape_kwargs, sharpen_and_save
+from . import tiny
+from .tiny import build_tokenizer, sharpen_and_save
 
 AUDIO_TOKEN = "<|audio_pad|>"
 AUDIO_BEGIN, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
@@ -88,23 +89,11 @@ def encoder_config(layers: int, d_model: int, heads: int, output_dim: int) -> di
 
 def qwen3_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, eos: int) -> dict:
     """A tiny Qwen3 decoder (head_dim 64, 1-D RoPE, tied embeddings)."""
-    return {
-        "model_type": "qwen3",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 2,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": hidden // heads,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-        "tie_word_embeddings": True,
-        "bos_token_id": eot,
-        "eos_token_id": eos,
-        "pad_token_id": eot,
-    }
+    return tiny.decoder_config(
+        "qwen3", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
+        head_dim=hidden // heads, rms_norm_eps=1e-6, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        tie_word_embeddings=True, pad_token_id=eot,
+    )
 
 
 def _saved_name(name: str) -> str | None:
@@ -151,22 +140,11 @@ def build(
         Qwen3ASRProcessor,
     )
 
-    if hidden % heads or heads % kv_heads:
-        raise ValueError("--hidden must be divisible by --heads, --heads by --kv-heads")
-    if hidden // heads < 32:
-        raise ValueError(f"head_dim = hidden / heads = {hidden // heads}; vLLM's CPU attention needs >= 32")
-    if audio_d_model % audio_heads or audio_d_model // audio_heads < 32:
-        raise ValueError("audio head_dim = audio_d_model / audio_heads must be an integer >= 32")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
+    out = tiny.prepare_out(out_dir, hidden, heads, kv_heads, audio_d_model=audio_d_model, audio_heads=audio_heads)
     tokenizer = _tokenizer(vocab_size)
     fe = Qwen3ASRFeatureExtractor(feature_size=128, sampling_rate=16000, n_window=50, min_length=8000)
     processor = Qwen3ASRProcessor(feature_extractor=fe, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
-    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    vocab = len(tokenizer)
+    audio_id, eos, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN, EOS_TOKEN)
 
     config = Qwen3ASRConfig(
         audio_config=encoder_config(audio_layers, audio_d_model, audio_heads, hidden),
@@ -176,11 +154,7 @@ def build(
         eos_token_id=eos,
         tie_word_embeddings=True,
     )
-    config.architectures = ["Qwen3ASRForConditionalGeneration"]
-    config.dtype = "float32"
-
-    torch.manual_seed(seed)
-    model = Qwen3ASRForConditionalGeneration(config).float().eval()
+    model = tiny.init_model(Qwen3ASRForConditionalGeneration, config, seed)
     with torch.no_grad():  # q/k RMSNorm would undo a q_proj/k_proj scale
         for layer in model.model.language_model.layers:
             layer.self_attn.q_norm.weight.mul_(sharpen)
@@ -192,34 +166,20 @@ def build(
 
 
 def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
-    """transformers reloads ``model_dir`` with no missing, unexpected or mismatched
-    keys (and, given ``expected``, the very same tensors; lm_head tied to the embeddings)."""
-    import torch
+    """:func:`~.tiny.check_reload` as ``Qwen3ASRForConditionalGeneration``, lm_head tied
+    to the embeddings after reload."""
     from transformers import Qwen3ASRForConditionalGeneration
 
-    model, info = Qwen3ASRForConditionalGeneration.from_pretrained(
-        str(model_dir), dtype=torch.float32, output_loading_info=True
+    tiny.check_reload(
+        Qwen3ASRForConditionalGeneration, model_dir, expected,
+        tied=("lm_head.weight", "model.language_model.embed_tokens.weight"),
     )
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise RuntimeError(f"transformers reload of {model_dir} is not clean: {bad}")
-    got = model.state_dict()
-    if not torch.equal(got["lm_head.weight"], got["model.language_model.embed_tokens.weight"]):
-        raise RuntimeError("lm_head is not tied to the embeddings after reload")
-    if expected is not None:
-        if set(got) != set(expected):
-            raise RuntimeError(f"reloaded keys differ: {sorted(set(got) ^ set(expected))[:10]}")
-        for k, v in expected.items():
-            if not torch.equal(got[k], v):
-                raise RuntimeError(f"reloaded tensor {k} differs from the saved one")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = builder_args("python -m vllm_affinity_tools.tiny_qwen3asr", __doc__.split("\n\n")[0], hidden=256)
-    a = p.parse_args(argv)
-    out = build(a.out_dir, **shape_kwargs(a))
-    print(f"tiny Qwen3-ASR written to {out}")
-
+    tiny.run_builder(
+        build, "Qwen3-ASR", "python -m vllm_affinity_tools.tiny_qwen3asr", __doc__, hidden=256, argv=argv
+    )
 
 if __name__ == "__main__":
     main()
