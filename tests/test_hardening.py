@@ -204,7 +204,7 @@ def test_metrics_count_exactly(server, client, load_clips, reference):
         k_deep = P.num_kept(k_in, SERVER_SPEC["deep"]["keep_ratio"])
         t = r.usage.prompt_tokens
         # 4 layers, merge after layer 1: one KV group of 2 layers below, one above (the
-        # accounting module's layout is checked against engine blocks in test_deep / test_audioflamingo3)
+        # accounting module's layout is checked against engine blocks in test_deep / test_adapters)
         expect["blocks"] += accounting.kv_blocks_saved(
             accounting.KVLayout(4, 1), stock_tokens=t + n - k_in, tokens=t, deep_tokens=t - k_in + k_deep, block_size=BLOCK)
         expect["requests"] += 1

@@ -1,7 +1,7 @@
 """Whisper (encoder-decoder) with Affinity Pooling: the vLLM plugin against stock vLLM
 and against the transformers reference, on the real Whisper tiny.en weights.
 
-Three engines, each in a fresh process, one at a time (tests/helpers/whisper_job.py):
+Three engines, each in a fresh process, one at a time (tests/helpers/engine_job.py, task "whisper"):
 stock (``VLLM_PLUGINS=""``), the plugin with the SPEC off (per-request keep ratios,
 affinity grouping) and the plugin with a uniform-grouping SPEC (keep ratio 0.5 by
 default, per-request overrides). Every parity comparison is also run against
