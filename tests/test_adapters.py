@@ -47,6 +47,7 @@ class Arch:
     #: 1.0) differs from transformers' Qwen3-ASR by up to 9e-4 on this sharpened tiny model
     #: (its encoder's float path), so pooled rows inherit ~2e-3; wrong poolings move > 1.4
     logprob_tol: float = LOGPROB_TOL
+    transcription: bool = False  # vLLM's class implements SupportsTranscription
 
     def ok(self, parity) -> bool:
         return parity.same_prompt and parity.same_tokens and parity.max_logprob_diff <= self.logprob_tol
@@ -54,10 +55,11 @@ class Arch:
 
 ARCHS = {
     "af3": Arch("AudioFlamingo3", "tiny_af3", "ReferenceAudioFlamingo3", "<sound>", 750 + 375, 4 * 750),
-    "glmasr": Arch("GLM-ASR", "tiny_glmasr", "ReferenceGlmAsr", "<|begin_of_audio|>", 375 + 187, 4 * 375),
-    # no windows: 13 tokens per second; stock vLLM imports it on CPU only with the stand-in
+    "glmasr": Arch("GLM-ASR", "tiny_glmasr", "ReferenceGlmAsr", "<|begin_of_audio|>", 375 + 187, 4 * 375,
+                   transcription=True),
+    # no windows: 13 tokens per second
     "qwen3asr": Arch("Qwen3-ASR", "tiny_qwen3asr", "ReferenceQwen3Asr", "<|audio_start|>", 45 * 13, 4 * 390,
-                     stock_env=(("PYTHONPATH", str(ROOT / "tests" / "helpers" / "stock_site")),), logprob_tol=5e-3),
+                     logprob_tol=5e-3, transcription=True),
 }
 
 
@@ -214,8 +216,20 @@ def test_small_step_budget_still_answers_long_audio(model, clips3, prompt, tmp_p
     assert f"max_num_batched_tokens 256 -> {arch.step_budget}" in out["log"]
 
 
+def _metric(text: str, name: str) -> float:
+    """The value of one un-labelled sample of vLLM's /metrics text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not on /metrics")
+
+
 @pytest.mark.server
 def test_vllm_serve_answers_an_audio_chat_with_the_saving(model, clips3, hf_ref, tmp_path, arch):
+    """A real `vllm serve` + the openai client: the chat usage shows the saving, /metrics
+    counts both requests, and (ASR models) /v1/audio/transcriptions runs at the server's ratio."""
+    import requests
+
     from vllm_affinity_tools.demo import CPU_ARGS
     from vllm_affinity_tools.serving import ServerProcess
 
@@ -232,9 +246,20 @@ def test_vllm_serve_answers_an_audio_chat_with_the_saving(model, clips3, hf_ref,
         pooled = client.chat.completions.create(model="af3", messages=messages, max_tokens=4, temperature=0)
         stock = client.chat.completions.create(model="af3", messages=messages, max_tokens=4, temperature=0,
                                                extra_body={"mm_processor_kwargs": {"affinity_keep_ratio": 1.0}})
+        metrics = requests.get(srv.base_url.removesuffix("/v1") + "/metrics", timeout=30).text
+        if arch.transcription:
+            with clip.open("rb") as f:
+                text = client.audio.transcriptions.create(model="af3", file=f, language="en", temperature=0)
+            assert isinstance(text.text, str)
         log = srv.log()
     assert stock.usage.prompt_tokens - pooled.usage.prompt_tokens == n - k_in > 0
     assert pooled.choices[0].finish_reason == "length"
     assert f"vllm-affinity: audio tokens [{n}] -> [{k_in}] (keep_ratio=0.7432)" in log
     assert f"vllm-affinity: {arch.name} with Affinity Pooling, input stage: keep_ratio=0.7432" in log
+    # /metrics: both chat requests (pooled, then keep 1.0), counted once each
+    assert _metric(metrics, "vllm_affinity:requests_total") == 2
+    assert _metric(metrics, "vllm_affinity:audio_tokens_in_total") == 2 * n
+    assert _metric(metrics, "vllm_affinity:audio_tokens_after_input_total") == k_in + n
+    if arch.transcription:  # the transcription request: the server's ratio, same audio
+        assert log.count(f"vllm-affinity: audio tokens [{n}] -> [{k_in}] (keep_ratio=0.7432)") == 2
     assert "Traceback" not in log

@@ -25,14 +25,6 @@ def register() -> None:
 
     logger = logging.getLogger("vllm_affinity")
     compat.check()  # every private vLLM seam, named if missing
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():  # before anything imports vLLM's Qwen3-ASR / Qwen2-VL modules
-        from .cpu_torchvision import install
-
-        if install():
-            logger.debug("vllm-affinity: torchvision absent: transformers' qwen2_vl image processor "
-                         "module replaced by a stand-in (vllm_affinity.cpu_torchvision)")
     for arch, facts in ARCHITECTURES.items():
         module_name, class_name = facts.adapter.split(":")
         current = ModelRegistry.models.get(arch)

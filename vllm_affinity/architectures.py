@@ -95,7 +95,22 @@ ARCHITECTURES: dict[str, ArchFacts] = {
         ArchFacts(
             "Qwen3ASRForConditionalGeneration",
             "vllm_affinity.adapters.qwen3_asr:AffinityQwen3AsrForConditionalGeneration",
-            "Qwen3-ASR", 30, 390, deep_stage=True, positions="rope-1d", long_audio="native",
+            # M-RoPE in vLLM's module, positions read from the placeholder run (already K)
+            "Qwen3-ASR", 30, 390, deep_stage=True, positions="mrope", long_audio="native",
+        ),
+        *(
+            ArchFacts(
+                architecture,
+                "vllm_affinity.adapters.qwen2_5_omni:AffinityQwen25OmniThinkerForConditionalGeneration",
+                # transformers' processor pads and truncates to one 30 s window
+                "Qwen2.5-Omni", 30, 750, deep_stage=True, positions="mrope", long_audio="truncate",
+            )
+            for architecture in ("Qwen2_5OmniModel", "Qwen2_5OmniForConditionalGeneration")
+        ),
+        ArchFacts(
+            "Qwen3OmniMoeForConditionalGeneration",
+            "vllm_affinity.adapters.qwen3_omni:AffinityQwen3OmniMoeThinkerForConditionalGeneration",
+            "Qwen3-Omni", 30, 390, deep_stage=True, positions="mrope", long_audio="native",
         ),
         ArchFacts(
             "WhisperForConditionalGeneration",

@@ -83,6 +83,8 @@ SEAMS: tuple[Seam, ...] = (
     Seam("vllm.model_executor.models.config:VerifyAndUpdateConfig"),
     # multimodal processing (adapters/base.py)
     Seam("vllm.multimodal.processing:BaseMultiModalProcessor.apply", ("inputs", "timing_ctx")),
+    Seam("vllm.multimodal.processing:BaseMultiModalProcessor.get_dummy_inputs",
+         ("seq_len", "mm_counts", "mm_options"), "marks the profiling input, which is not counted"),
     Seam("vllm.multimodal.processing:BaseMultiModalProcessor._call_hf_processor", ("hf_data", "hf_kwargs")),
     Seam("vllm.multimodal.processing:BaseMultiModalProcessor._postprocess_hf_mm_data",
          ("mm_inputs", "hf_processor_mm_kwargs", "processed_data")),
@@ -104,6 +106,41 @@ SEAMS: tuple[Seam, ...] = (
     # patches/audio_decode_errors.py
     Seam("vllm.multimodal.media.audio:load_audio"),
 )
+
+
+def _omni_seams(cls: str) -> tuple[Seam, ...]:
+    why = "Omni M-RoPE positions from K / pooling only the audio embeddings (adapters/omni.py)"
+    return tuple(Seam(f"{cls}.{name}", params, why) for name, params in (
+        ("iter_mm_features", ("mm_features",)),
+        ("_compute_audio_token_count", ("audio_feature_length",)),
+        ("get_mrope_input_positions", ("input_tokens", "mm_features")),
+        ("_parse_and_validate_multimodal_inputs", ()),
+        ("_process_audio_input", ("audio_input",)),
+        ("_process_image_input", ("image_input",)),
+        ("_process_video_input", ("video_input",)),
+    ))
+
+
+#: seams of one adapter's vLLM model module, checked when that adapter's model is built (its
+#: module is imported only for that architecture: the Omni ones need torchvision)
+ADAPTER_SEAMS: dict[str, tuple[Seam, ...]] = {
+    "qwen2_5_omni": _omni_seams(
+        "vllm.model_executor.models.qwen2_5_omni_thinker:Qwen2_5OmniThinkerForConditionalGeneration"),
+    "qwen3_omni": _omni_seams(
+        "vllm.model_executor.models.qwen3_omni_moe_thinker:Qwen3OmniMoeThinkerForConditionalGeneration"),
+}
+
+
+def all_seams() -> tuple[Seam, ...]:
+    """:data:`SEAMS` and every adapter's (what a source dump of another release is read for)."""
+    return SEAMS + tuple(seam for seams in ADAPTER_SEAMS.values() for seam in seams)
+
+
+def check_seams(seams: tuple[Seam, ...]) -> None:
+    """Check an adapter's seams against the running vLLM."""
+    for seam in seams:
+        check_seam(seam)
+
 
 #: fields of CommonAttentionMetadata the runner sets for the deep layers
 COMMON_ATTENTION_FIELDS = (
@@ -201,7 +238,7 @@ def _platform() -> str:
 def check_source_dump(dump: dict, version: str) -> None:
     """The same checks against a dump of another release's source
     (``vllm_affinity_tools.vllm_seams``: releases that cannot be installed here)."""
-    for seam in SEAMS:
+    for seam in all_seams():
         if seam.where not in dump["seams"]:
             raise _missing(seam, version)
         _compare(seam, dump["seams"][seam.where], version)

@@ -118,7 +118,7 @@ def positional_names(fn: ast.FunctionDef) -> list[str]:
 def dump(root: Path) -> dict:
     tree = SourceTree(root)
     seams: dict[str, list[str] | None] = {}
-    for seam in compat.SEAMS:
+    for seam in compat.all_seams():
         try:
             _, node = tree.resolve(seam.where)
         except (AttributeError, ImportError):

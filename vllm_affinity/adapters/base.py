@@ -53,6 +53,8 @@ NUM_KEPT_FIELD = "affinity_num_kept"
 #: processed-data keys of audio features (their absence means precomputed embeddings)
 FEATURE_KEYS = ("input_features", "input_audio_features")
 SAMPLE_RATE = 16000
+#: attribute set on vLLM's profiling ProcessorInputs (a dataclass) by get_dummy_inputs
+PROFILING_MARK = "_affinity_profiling"
 STATS_INTERVAL_S = 10.0
 FAULT_ENV = "VLLM_AFFINITY_INJECT_FAULT"
 TRACE_ENV = "VLLM_AFFINITY_TRACE_DIR"
@@ -190,6 +192,8 @@ class AffinityProcessorMixin:
     """Mix in front of the architecture's multimodal processor."""
 
     info: AffinityInfoMixin
+    #: the stock processor's own kwargs a request may pass beside the plugin's (others: 400)
+    EXTRA_MM_KWARGS: ClassVar[tuple[str, ...]] = ()
 
     # -- what an adapter declares -------------------------------------------------------------
     def stock_tokens(self, num_samples: int) -> int:
@@ -253,11 +257,11 @@ class AffinityProcessorMixin:
 
         cfg, facts = self.info.affinity, self.info.facts
         kwargs = dict(inputs.hf_processor_mm_kwargs or {})
-        unknown = sorted(set(kwargs) - {REQUEST_KEEP_RATIO_KEY})
+        accepted = (REQUEST_KEEP_RATIO_KEY, *self.EXTRA_MM_KWARGS)
+        unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
-            raise ValueError(
-                f"mm_processor_kwargs: unknown key(s) {unknown}; this model accepts only {REQUEST_KEEP_RATIO_KEY!r}"
-            )
+            only = repr(accepted[0]) if len(accepted) == 1 else f"{list(accepted)}"
+            raise ValueError(f"mm_processor_kwargs: unknown key(s) {unknown}; this model accepts only {only}")
         request_keep_ratio(cfg, kwargs)  # raises naming the field
         items = inputs.mm_data_items
         audios = items["audio"] if "audio" in items else None
@@ -286,10 +290,17 @@ class AffinityProcessorMixin:
     def truncation_hint(self) -> str:
         return "set max_audio_seconds to reject such audio"
 
+    def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        # vLLM's start-up profiling input: processed like a request, but not one (no log line,
+        # not counted on /metrics)
+        setattr(inputs, PROFILING_MARK, True)
+        return inputs
+
     def apply(self, inputs, timing_ctx):
         audios = self.check_request(inputs)
         out = super().apply(inputs, timing_ctx)
-        if audios is not None:
+        if audios is not None and not getattr(inputs, PROFILING_MARK, False):
             self._account(out, self.keep_ratio(inputs.hf_processor_mm_kwargs), audios)
         return out
 
@@ -444,8 +455,14 @@ class AffinityModelMixin:
     ARCH: ClassVar[str]
     #: the adapter encodes the real audio length when the SPEC asks (encoder_real_length)
     SUPPORTS_ENCODER_REAL_LENGTH: ClassVar[bool] = False
+    #: private hooks of this architecture's vLLM module the adapter overrides
+    #: (``compat.ADAPTER_SEAMS``), checked when the model is built
+    SEAMS: ClassVar[tuple] = ()
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        from .. import compat
+
+        compat.check_seams(self.SEAMS)
         refuse_additional_config(vllm_config)
         self.affinity_facts = facts_for(self.ARCH)
         self.affinity = validated_config(self.affinity_facts, vllm_config.model_config.hf_config)

@@ -92,6 +92,14 @@ class ReferenceSpeechLM:
         """Token ids of ``prompt`` (one unexpanded placeholder per audio)."""
         return self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
+    def rope_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """The ``position_ids`` the text model takes for 1-D positions ``pos`` (B, T).
+        1-D RoPE: ``pos`` itself. An M-RoPE model (Qwen2.5-Omni, Qwen3-Omni) overrides
+        this with ``pos`` repeated per component, (3, B, T): a text or audio token has the
+        same temporal, height and width position, and a merged row's floor-of-mean is then
+        the same in each component."""
+        return pos
+
     @property
     def language_model(self):
         """The transformers text model (Qwen2 / Llama: ``layers``, ``norm``, ``rotary_emb``)."""
@@ -223,7 +231,7 @@ class ReferenceSpeechLM:
         step_in = embeds
         pos = torch.arange(prompt_len)[None, :]
         for _ in range(max_new_tokens):
-            o = lm(inputs_embeds=step_in, position_ids=pos, past_key_values=past, use_cache=True)
+            o = lm(inputs_embeds=step_in, position_ids=self.rope_positions(pos), past_key_values=past, use_cache=True)
             past = o.past_key_values
             logits = self.lm_head(o.last_hidden_state[0, -1]).float()
             nxt = int(torch.argmax(logits))
@@ -253,7 +261,7 @@ class ReferenceSpeechLM:
         T = embeds.shape[1]
 
         def run(stack, h, pos, mask):
-            pe = lm.rotary_emb(h, pos)
+            pe = lm.rotary_emb(h, self.rope_positions(pos))
             for layer in stack:
                 h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=cache, use_cache=True)
             return h

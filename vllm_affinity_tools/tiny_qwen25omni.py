@@ -1,0 +1,289 @@
+"""Build a tiny random-weight Qwen2.5-Omni (thinker) checkpoint, fully offline.
+
+    python -m vllm_affinity_tools.tiny_qwen25omni OUT_DIR [--layers N] [--hidden H] [--heads A]
+                                                   [--kv-heads K] [--seed S] [--sharpen F]
+
+The Qwen2.5-Omni sibling of :mod:`vllm_affinity_tools.tiny_qwen3asr`: byte-level BPE
+tokenizer (:func:`~.tiny.build_tokenizer`) with Qwen's role tokens and Qwen2.5-Omni's
+audio / vision tokens (``<|audio_bos|>``, the placeholder ``<|AUDIO|>``,
+``<|audio_eos|>``, ``<|vision_start|>``, ``<|IMAGE|>``, ``<|VIDEO|>``,
+``<|vision_end|>``) as special tokens, registered as the tokenizer's ``audio_token`` /
+``audio_bos_token`` / ``audio_eos_token`` / ``image_token`` / ``video_token`` /
+``vision_bos_token`` / ``vision_eos_token`` (``extra_special_tokens``, which
+``Qwen2_5OmniProcessor`` reads), a 128-bin 30 s ``WhisperFeatureExtractor``, tiny
+Qwen2-VL image and video processors (``Qwen2_5OmniProcessor`` needs both; vLLM's
+profiler sizes its image / video dummies from their ``max_pixels``), a chat template in
+the hub's layout (``<|im_start|>user\\n<|audio_bos|><|AUDIO|><|audio_eos|>QUESTION
+<|im_end|>\\n<|im_start|>assistant\\n`` after the default system turn) and the weights of
+``Qwen2_5OmniForConditionalGeneration`` under transformers' own names, i.e. the hub's
+(``thinker.audio_tower.*``, ``thinker.visual.*``, ``thinker.model.*``,
+``thinker.lm_head.*``), which vLLM's ``Qwen2_5OmniThinkerForConditionalGeneration``
+maps (``thinker.model.`` -> ``language_model.model.``, ``thinker.lm_head.`` ->
+``language_model.lm_head.``, ``thinker.`` -> ``""``; ``talker.`` / ``token2wav.``
+dropped).
+
+Config: the top-level ``Qwen2_5OmniConfig`` (architecture
+``Qwen2_5OmniForConditionalGeneration``, which vLLM's registry maps to its thinker)
+with ``enable_audio_output=False``, so neither transformers nor vLLM builds a talker or
+token2wav; their (tiny) configs are present because the config class always writes
+them. vLLM reads ``hf_config.thinker_config``; transformers' thinker reads the same.
+The embeddings are untied everywhere (top level, thinker and ``text_config``, which
+vLLM's Qwen2 reads), so ``thinker.lm_head.weight`` is saved. The build reloads the
+checkpoint in transformers and fails on missing, unexpected or mismatched keys.
+
+Shapes: the audio encoder (Whisper-style conv stem over 100-frame chunks
+(``n_window`` 50 x 2), chunk-local attention, stride-2 average pool, ``proj`` to
+``output_dim`` = the text hidden size) has d_model 128, 2 heads (head_dim 64). The text
+model is Qwen2 with head_dim 64 and M-RoPE (``rope_parameters`` with ``mrope_section``
+[8, 12, 12], the real model's [16, 24, 24] scaled to head_dim 64; rope_theta 1e6). The
+vision tower is one block of hidden 64, 1 head (head_dim 64), ``out_hidden_size`` = the
+text hidden size; images / videos are capped at 16 merged patches. ``--sharpen`` scales
+the text layers' q/k projections (Qwen2 has no q/k norm), :func:`~.tiny.sharpen_and_save`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+from . import tiny
+from .tiny import build_tokenizer, sharpen_and_save
+
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_BEGIN, AUDIO_END = "<|audio_bos|>", "<|audio_eos|>"
+IMAGE_TOKEN, VIDEO_TOKEN = "<|IMAGE|>", "<|VIDEO|>"
+VISION_BEGIN, VISION_END = "<|vision_start|>", "<|vision_end|>"
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    AUDIO_BEGIN,
+    AUDIO_TOKEN,
+    AUDIO_END,
+    VISION_BEGIN,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_END,
+]
+AUDIO_PART = f"{AUDIO_BEGIN}{AUDIO_TOKEN}{AUDIO_END}"  # the hub template's audio part (no add_audio_id)
+SYSTEM = "You are a helpful assistant."
+
+# The hub template's layout (default system turn; per content part: image / video in the
+# vision brackets, audio in the audio brackets, text as is), written as an explicit loop
+# over message['content'] so vLLM detects the "openai" content format. Parts in vLLM's
+# (`{"type": "audio"}`) and transformers' (`{"type": "audio", "audio": ...}`) shapes.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.first and m['role'] != 'system' %}"
+    "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] in ['image', 'image_url'] or 'image' in c %}" + VISION_BEGIN + IMAGE_TOKEN + VISION_END + ""
+    "{% elif c['type'] in ['audio', 'audio_url', 'input_audio'] or 'audio' in c %}" + AUDIO_PART + ""
+    "{% elif c['type'] in ['video', 'video_url'] or 'video' in c %}" + VISION_BEGIN + VIDEO_TOKEN + VISION_END + ""
+    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+MRoPE_SECTION = [8, 12, 12]  # sums to head_dim / 2 = 32 (the real model: [16, 24, 24], head_dim 128)
+PATCH, MERGE, TEMPORAL = 14, 2, 2
+MIN_PIXELS = (PATCH * MERGE) ** 2 * 4  # 4 merged patches
+MAX_PIXELS = (PATCH * MERGE) ** 2 * 16  # 16 merged patches
+
+
+def prompt(question: str, system: str = SYSTEM) -> str:
+    """The rendered Qwen2.5-Omni prompt for one user turn of [audio, text]."""
+    return (
+        f"<|im_start|>system\n{system}<|im_end|>\n"
+        f"<|im_start|>user\n{AUDIO_PART}{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def audio_config(layers: int, d_model: int, heads: int, output_dim: int) -> dict:
+    """A tiny Qwen2.5-Omni audio encoder (128 mel bins, 100-frame chunks, 1500 positions)."""
+    return {
+        **tiny.audio_encoder_config("qwen2_5_omni_audio_encoder", layers, d_model, heads),
+        "output_dim": output_dim,
+        "n_window": 50,  # the real model's chunk size: 2 * n_window = 100 frames
+    }
+
+
+def vision_config(out_hidden: int) -> dict:
+    """A one-block Qwen2.5-Omni vision tower (hidden 64, 1 head of 64)."""
+    return {
+        "depth": 1,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 1,
+        "in_channels": 3,
+        "patch_size": PATCH,
+        "spatial_merge_size": MERGE,
+        "temporal_patch_size": TEMPORAL,
+        "window_size": 112,
+        "fullatt_block_indexes": [0],
+        "out_hidden_size": out_hidden,
+    }
+
+
+def text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, eos: int) -> dict:
+    """A tiny Qwen2.5-Omni (Qwen2) decoder: head_dim 64, M-RoPE, untied embeddings."""
+    return tiny.decoder_config(
+        "qwen2_5_omni_text", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=eot,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(MRoPE_SECTION)},
+    )
+
+
+def talker_config(vocab: int, text_hidden: int, ids: dict) -> dict:
+    """A tiny talker config (never built: ``enable_audio_output`` is off); its vocabulary
+    is the text one so the token ids it names are in range."""
+    return {
+        "vocab_size": vocab, "embedding_size": text_hidden, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+        "tts_text_start_token_id": vocab - 1, "tts_text_end_token_id": vocab - 1, "tts_text_pad_token_id": vocab - 1,
+        "tts_codec_start_token_id": 61, "tts_codec_end_token_id": 62, "tts_codec_pad_token_id": 60,
+        "tts_codec_mask_token_id": 63,
+        **ids,
+    }
+
+
+def token2wav_config() -> dict:
+    """A tiny token2wav config (never built)."""
+    return {
+        "dit_config": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1, "head_dim": 64,
+                       "emb_dim": 64, "num_embeds": 64, "enc_emb_dim": 32, "enc_dim": 32,
+                       "enc_channels": [32, 32, 32, 32, 96], "enc_attention_channels": 16, "enc_se_channels": 16,
+                       "look_ahead_layers": [0], "look_backward_layers": [0]},
+        "bigvgan_config": {"upsample_initial_channel": 32},
+    }
+
+
+def _tokenizer(vocab_size: int):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = build_tokenizer(vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, eos_token=EOS_TOKEN)
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        return PreTrainedTokenizerFast.from_pretrained(
+            d,
+            extra_special_tokens={
+                "audio_token": AUDIO_TOKEN,
+                "audio_bos_token": AUDIO_BEGIN,
+                "audio_eos_token": AUDIO_END,
+                "image_token": IMAGE_TOKEN,
+                "video_token": VIDEO_TOKEN,
+                "vision_bos_token": VISION_BEGIN,
+                "vision_eos_token": VISION_END,
+            },
+        )
+
+
+def _processor(tokenizer):
+    from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    vision = dict(
+        patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
+        size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+    )
+    return Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **vision),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **vision),
+        feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=30),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build(
+    out_dir: str | Path,
+    *,
+    layers: int = 4,
+    hidden: int = 256,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    sharpen: float = 8.0,
+    audio_layers: int = 2,
+    audio_d_model: int = 128,
+    audio_heads: int = 2,
+    vocab_size: int = 512,
+    verify: bool = True,
+) -> Path:
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+
+    out = tiny.prepare_out(out_dir, hidden, heads, kv_heads, audio_d_model=audio_d_model, audio_heads=audio_heads)
+    if 2 * sum(MRoPE_SECTION) != hidden // heads:
+        raise ValueError(f"mrope_section {MRoPE_SECTION} needs head_dim {2 * sum(MRoPE_SECTION)}, got {hidden // heads}")
+    tokenizer = _tokenizer(vocab_size)
+    processor = _processor(tokenizer)
+    audio_id, eos, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN, EOS_TOKEN)
+    tid = tokenizer.convert_tokens_to_ids
+    ids = {
+        "audio_token_index": audio_id,
+        "image_token_index": tid(IMAGE_TOKEN),
+        "video_token_index": tid(VIDEO_TOKEN),
+        "audio_start_token_id": tid(AUDIO_BEGIN),
+        "audio_end_token_id": tid(AUDIO_END),
+        "vision_start_token_id": tid(VISION_BEGIN),
+        "vision_end_token_id": tid(VISION_END),
+    }
+    user_ids = tokenizer("user", add_special_tokens=False)["input_ids"]
+
+    thinker = {
+        "audio_config": audio_config(audio_layers, audio_d_model, audio_heads, hidden),
+        "vision_config": vision_config(hidden),
+        "text_config": text_config(vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos),
+        "user_token_id": user_ids[0],
+        "tie_word_embeddings": False,
+        "pad_token_id": eot,
+        "eos_token_id": eos,
+        **ids,
+    }
+    config = Qwen2_5OmniConfig(
+        thinker_config=thinker,
+        talker_config=talker_config(vocab, hidden, ids),
+        token2wav_config=token2wav_config(),
+        enable_audio_output=False,
+        tie_word_embeddings=False,
+    )
+    model = tiny.init_model(Qwen2_5OmniForConditionalGeneration, config, seed)
+    # sharpen_and_save scales model.model.language_model.layers' q/k and saves
+    # model.state_dict(): point it at the thinker's text model, keep the names (thinker.*)
+    view = SimpleNamespace(model=SimpleNamespace(language_model=model.thinker.model), state_dict=model.state_dict)
+    sharpen_and_save(view, config, processor, out, sharpen=sharpen, eot=eot, im_end=eos, hub_name=_saved_name)
+    if verify:
+        check_reload(out, model.thinker.state_dict())
+    return out
+
+
+def _saved_name(name: str) -> str:
+    """transformers' own names (``thinker.*``), which are the hub's."""
+    return name
+
+
+def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
+    """:func:`~.tiny.check_reload` as ``Qwen2_5OmniThinkerForConditionalGeneration`` (the
+    part vLLM serves; it reads ``thinker_config`` and the ``thinker.*`` tensors of the
+    top-level checkpoint), ``expected`` in the thinker's own names (no ``thinker.``).
+    The top-level class is not used: its ``from_pretrained`` insists on a speaker file
+    (``spk_dict.pt``) even with audio output off."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    tiny.check_reload(Qwen2_5OmniThinkerForConditionalGeneration, model_dir, expected)
+
+
+def main(argv: list[str] | None = None) -> None:
+    tiny.run_builder(
+        build, "Qwen2.5-Omni", "python -m vllm_affinity_tools.tiny_qwen25omni", __doc__, hidden=256, argv=argv
+    )
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""Build a tiny random-weight Qwen3-Omni-MoE (thinker) checkpoint, fully offline.
+
+    python -m vllm_affinity_tools.tiny_qwen3omni OUT_DIR [--layers N] [--hidden H] [--heads A]
+                                                  [--kv-heads K] [--seed S] [--sharpen F]
+
+The Qwen3-Omni sibling of :mod:`vllm_affinity_tools.tiny_qwen3asr` (whose audio encoder
+is the same family): a top-level ``Qwen3OmniMoeConfig`` (architecture
+``Qwen3OmniMoeForConditionalGeneration``, what vLLM's registry maps to its
+``Qwen3OmniMoeThinkerForConditionalGeneration``) with ``enable_audio_output=False``, so
+only the thinker exists and is saved; ``talker_config`` / ``code2wav_config`` stay at
+their defaults, config only (vLLM drops ``talker.*`` / ``code2wav.*`` weights and builds
+neither; transformers builds neither without ``enable_audio_output``).
+
+* Tokenizer: byte-level BPE (:func:`~.tiny.build_tokenizer`) with Qwen's role tokens and
+  Qwen3-Omni's multimodal tokens (``<|audio_start|>``, the placeholder ``<|audio_pad|>``,
+  ``<|audio_end|>``, ``<|vision_start|>``, ``<|image_pad|>``, ``<|video_pad|>``,
+  ``<|vision_end|>``) as special tokens, registered as the tokenizer's ``audio_token`` /
+  ``audio_bos_token`` / ``audio_eos_token`` / ``image_token`` / ``video_token`` /
+  ``vision_bos_token`` / ``vision_eos_token`` (``extra_special_tokens``, which
+  ``Qwen3OmniMoeProcessor`` reads); their ids go into ``thinker_config``
+  (``audio_token_id``, ``audio_start_token_id``, ``image_token_id``, ``video_token_id``,
+  and, as in the hub's config though the config class does not declare them,
+  ``audio_end_token_id`` / ``vision_start_token_id`` / ``vision_end_token_id``: transformers'
+  ``get_rope_index`` reads ``vision_start_token_id`` even for an audio-only prompt) and
+  the role ids into the top-level config.
+* ``Qwen3OmniMoeProcessor``: a 128-bin ``WhisperFeatureExtractor`` (``chunk_length`` 300
+  as the hub's; the processor pads to the longest clip, no 30 s window, no truncation),
+  a ``Qwen2VLImageProcessor`` and ``Qwen2VLVideoProcessor`` with the hub's patch 16 /
+  temporal 2 / merge 2 but at most 16 merged tokens per image and 16 per video frame
+  pair, so vLLM's vision profiling stays tiny.
+* Chat template in the hub's layout (no default system turn; an audio part renders as
+  the audio brackets with one placeholder, directly followed by the text), written as an
+  explicit loop over ``message['content']`` so vLLM detects the "openai" content format.
+* Weights saved under the hub's names (``thinker.audio_tower.*``, ``thinker.visual.*``,
+  ``thinker.model.*``, ``thinker.lm_head.*``), which vLLM's mapper strips to its own
+  (``thinker.model.`` -> ``language_model.model.``); the experts as transformers keeps
+  them, fused 3-D tensors ``mlp.experts.gate_up_proj`` (E, 2I, H) / ``down_proj``
+  (E, H, I), which vLLM's MoE loader takes (``is_3d_moe_weight``). The embeddings are
+  untied, as in the hub's model. The build reloads the checkpoint in transformers (as
+  ``Qwen3OmniMoeForConditionalGeneration``, tensors compared, and as the
+  ``Qwen3OmniMoeThinkerForConditionalGeneration`` the reference uses) and fails on
+  missing, unexpected or mismatched keys.
+
+Shapes: the text model is Qwen3-MoE, hidden 256, 4 layers, 4 heads / 2 kv heads,
+head_dim 64 (vLLM's CPU attention needs >= 32), every layer sparse with 4 experts of
+``moe_intermediate_size`` 128, top-2, normalised top-k weights. RoPE is the hub's
+interleaved M-RoPE (``mrope_section`` [24, 20, 20] of head_dim 128 scaled to
+[12, 10, 10] of 64, ``mrope_interleaved``; theta 1e6): an audio-only prompt has the same
+temporal/height/width position per token, so the three sections rotate alike. The audio
+encoder (3 stride-2 conv2d over 100-frame chunks -> 13 rows per chunk, windowed
+attention over ``n_window_infer`` 800 frames) has d_model 128, 2 heads (head_dim 64),
+``output_dim`` = the text hidden size. The vision tower is 2 blocks of width 64
+(2 heads), deepstack after block 1, ``out_hidden_size`` = the text hidden size.
+Qwen3 has per-head q/k RMSNorm: scaling ``q_proj`` would be normalised away, so
+``--sharpen`` scales the ``q_norm`` / ``k_norm`` weights instead (x F each; the shared
+:func:`~.tiny.sharpen_and_save` then runs with 1.0, an exact no-op).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import types
+from pathlib import Path
+
+from . import tiny
+from .tiny import build_tokenizer, sharpen_and_save
+
+AUDIO_TOKEN = "<|audio_pad|>"
+AUDIO_BEGIN, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
+IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+VISION_BEGIN, VISION_END = "<|vision_start|>", "<|vision_end|>"
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    AUDIO_BEGIN,
+    AUDIO_TOKEN,
+    AUDIO_END,
+    VISION_BEGIN,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_END,
+]
+AUDIO_PART = f"{AUDIO_BEGIN}{AUDIO_TOKEN}{AUDIO_END}"  # vLLM's get_placeholder_str
+IMAGE_PART = f"{VISION_BEGIN}{IMAGE_TOKEN}{VISION_END}"
+VIDEO_PART = f"{VISION_BEGIN}{VIDEO_TOKEN}{VISION_END}"
+
+# The hub template's layout: Qwen chat roles, no default system turn, each media part
+# as its brackets with one placeholder, the text directly after. Parts in vLLM's
+# (`{"type": "audio"}`) and transformers' (`{"type": "audio", "audio": ...}`) shapes.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] in ['audio', 'audio_url', 'input_audio'] or 'audio' in c %}"
+    "" + AUDIO_PART + ""
+    "{% elif c['type'] in ['image', 'image_url'] or 'image' in c %}"
+    "" + IMAGE_PART + ""
+    "{% elif c['type'] in ['video', 'video_url'] or 'video' in c %}"
+    "" + VIDEO_PART + ""
+    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# hub: patch 16, temporal 2, merge 2, CLIP-style 0.5 mean/std; tiny pixel budgets
+# (one merged token = (16 * 2) ** 2 = 1024 pixels): 1..16 tokens per image / frame pair
+_PATCH, _MERGE, _TEMPORAL = 16, 2, 2
+_VISION_KW = dict(
+    patch_size=_PATCH, temporal_patch_size=_TEMPORAL, merge_size=_MERGE,
+    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+)
+_MIN_PIXELS, _MAX_PIXELS = 1024, 16 * 1024
+
+
+def prompt(question: str) -> str:
+    """The rendered Qwen3-Omni prompt for one user turn of [audio, text]."""
+    return f"<|im_start|>user\n{AUDIO_PART}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def encoder_config(layers: int, d_model: int, heads: int, output_dim: int) -> dict:
+    """A tiny Qwen3-Omni audio encoder (128 mel bins, 100-frame chunks, n_window 50)."""
+    return {
+        "model_type": "qwen3_omni_moe_audio_encoder",
+        "num_mel_bins": 128,
+        "encoder_layers": layers,
+        "encoder_attention_heads": heads,
+        "encoder_ffn_dim": 2 * d_model,
+        "d_model": d_model,
+        "output_dim": output_dim,
+        "downsample_hidden_size": 32,
+        "n_window": 50,  # vLLM's counting hard-codes 100-frame chunks
+        "n_window_infer": 800,
+        "max_source_positions": 1500,
+    }
+
+
+def vision_config(out_hidden: int) -> dict:
+    """A tiny Qwen3-Omni vision tower (2 blocks, width 64, deepstack after block 1)."""
+    return {
+        "model_type": "qwen3_omni_moe_vision_encoder",
+        "depth": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 2,
+        "patch_size": _PATCH,
+        "spatial_merge_size": _MERGE,
+        "temporal_patch_size": _TEMPORAL,
+        "out_hidden_size": out_hidden,
+        "num_position_embeddings": 256,  # a 16 x 16 grid, interpolated
+        # not declared by the config class but in the hub's config and read by vLLM's
+        # tower (grid side = image_size // patch_size, learned absolute positions)
+        "image_size": 16 * _PATCH,
+        "apply_vit_abs_pos_embed": True,
+        "deepstack_visual_indexes": [1],
+    }
+
+
+def text_config(
+    vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, eos: int,
+    experts: int, top_k: int, moe_intermediate: int,
+) -> dict:
+    """A tiny Qwen3-MoE decoder (head_dim 64, every layer sparse, interleaved M-RoPE)."""
+    head_dim = hidden // heads
+    # the hub's [24, 20, 20] of head_dim 128 (64 rotary frequencies), scaled to head_dim
+    scale = head_dim / 128
+    h = w = int(round(20 * scale))
+    section = [head_dim // 2 - h - w, h, w]
+    return tiny.decoder_config(
+        "qwen3_omni_moe_text", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
+        head_dim=head_dim, rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=eot,
+        rope_parameters={
+            "rope_type": "default", "rope_theta": 1000000.0,
+            "mrope_section": section, "mrope_interleaved": True, "interleaved": True,
+        },
+        num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=moe_intermediate,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+    )
+
+
+def _tokenizer(vocab_size: int):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = build_tokenizer(vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, eos_token=EOS_TOKEN)
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        return PreTrainedTokenizerFast.from_pretrained(
+            d,
+            extra_special_tokens={
+                "audio_token": AUDIO_TOKEN,
+                "audio_bos_token": AUDIO_BEGIN,
+                "audio_eos_token": AUDIO_END,
+                "image_token": IMAGE_TOKEN,
+                "video_token": VIDEO_TOKEN,
+                "vision_bos_token": VISION_BEGIN,
+                "vision_eos_token": VISION_END,
+            },
+        )
+
+
+def _processor(tokenizer):
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        Qwen3OmniMoeProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=300, return_attention_mask=True)
+    size = {"shortest_edge": _MIN_PIXELS, "longest_edge": _MAX_PIXELS}
+    image = Qwen2VLImageProcessor(size=size, **_VISION_KW)
+    video = Qwen2VLVideoProcessor(size=size, min_frames=2, max_frames=8, **_VISION_KW)
+    return Qwen3OmniMoeProcessor(
+        image_processor=image, video_processor=video, feature_extractor=fe, tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _saved_name(name: str) -> str:
+    """transformers' own names (``thinker.*``), the hub's layout."""
+    if not name.startswith("thinker."):
+        raise ValueError(f"unexpected parameter name {name!r}")
+    return name
+
+
+def build(
+    out_dir: str | Path,
+    *,
+    layers: int = 4,
+    hidden: int = 256,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    sharpen: float = 8.0,
+    audio_layers: int = 2,
+    audio_d_model: int = 128,
+    audio_heads: int = 2,
+    experts: int = 4,
+    top_k: int = 2,
+    moe_intermediate: int = 128,
+    vocab_size: int = 512,
+    verify: bool = True,
+) -> Path:
+    import torch
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+
+    out = tiny.prepare_out(out_dir, hidden, heads, kv_heads, audio_d_model=audio_d_model, audio_heads=audio_heads)
+    tokenizer = _tokenizer(vocab_size)
+    processor = _processor(tokenizer)
+    audio_id, eos, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN, EOS_TOKEN)
+    ids = tokenizer.convert_tokens_to_ids
+
+    thinker = dict(
+        audio_config=encoder_config(audio_layers, audio_d_model, audio_heads, hidden),
+        vision_config=vision_config(hidden),
+        text_config=text_config(
+            vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
+            experts=experts, top_k=top_k, moe_intermediate=moe_intermediate,
+        ),
+        audio_token_id=audio_id,
+        audio_start_token_id=ids(AUDIO_BEGIN),
+        # not declared by Qwen3OmniMoeThinkerConfig but in the hub's config and read:
+        # transformers' get_rope_index (vision start), vLLM's audio-in-video (audio end)
+        audio_end_token_id=ids(AUDIO_END),
+        vision_start_token_id=ids(VISION_BEGIN),
+        vision_end_token_id=ids(VISION_END),
+        image_token_id=ids(IMAGE_TOKEN),
+        video_token_id=ids(VIDEO_TOKEN),
+        user_token_id=tokenizer("user", add_special_tokens=False)["input_ids"][0],
+        position_id_per_seconds=25,
+        tie_word_embeddings=False,
+        pad_token_id=eot,
+        eos_token_id=eos,
+    )
+    config = Qwen3OmniMoeConfig(
+        thinker_config=thinker,
+        enable_audio_output=False,
+        im_start_token_id=ids("<|im_start|>"),
+        im_end_token_id=eos,
+        pad_token_id=eot,
+        eos_token_id=eos,
+        tie_word_embeddings=False,
+    )
+    model = tiny.init_model(Qwen3OmniMoeForConditionalGeneration, config, seed)
+    text = model.thinker.model
+    with torch.no_grad():  # q/k RMSNorm would undo a q_proj/k_proj scale
+        for layer in text.layers:
+            layer.self_attn.q_norm.weight.mul_(sharpen)
+            layer.self_attn.k_norm.weight.mul_(sharpen)
+    # sharpen_and_save walks ``model.model.language_model.layers`` (a no-op at 1.0): hand
+    # it the thinker's text model there and the full model's state dict
+    view = types.SimpleNamespace(model=types.SimpleNamespace(language_model=text), state_dict=model.state_dict)
+    sharpen_and_save(view, config, processor, out, sharpen=1.0, eot=eot, im_end=eos, hub_name=_saved_name)
+    if verify:
+        check_reload(out, model.state_dict())
+    return out
+
+
+def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
+    """:func:`~.tiny.check_reload` as ``Qwen3OmniMoeForConditionalGeneration`` (given
+    ``expected``, the very same tensors), then as the
+    ``Qwen3OmniMoeThinkerForConditionalGeneration`` the reference loads."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    tiny.check_reload(Qwen3OmniMoeForConditionalGeneration, model_dir, expected)
+    thinker = None
+    if expected is not None:
+        thinker = {k[len("thinker."):]: v for k, v in expected.items()}
+    tiny.check_reload(Qwen3OmniMoeThinkerForConditionalGeneration, model_dir, thinker)
+
+
+def main(argv: list[str] | None = None) -> None:
+    tiny.run_builder(
+        build, "Qwen3-Omni", "python -m vllm_affinity_tools.tiny_qwen3omni", __doc__, hidden=256, argv=argv
+    )
+
+if __name__ == "__main__":
+    main()
