@@ -11,8 +11,8 @@ audio / vision tokens (``<|audio_bos|>``, the placeholder ``<|AUDIO|>``,
 ``audio_bos_token`` / ``audio_eos_token`` / ``image_token`` / ``video_token`` /
 ``vision_bos_token`` / ``vision_eos_token`` (``extra_special_tokens``, which
 ``Qwen2_5OmniProcessor`` reads), a 128-bin 30 s ``WhisperFeatureExtractor``, tiny
-Qwen2-VL image and video processors (``Qwen2_5OmniProcessor`` needs both; vLLM's
-profiler sizes its image / video dummies from their ``max_pixels``), a chat template in
+Qwen2-VL image and video processors (``Qwen2_5OmniProcessor`` needs both; their
+``max_pixels`` of 16 merged patches keeps any image / video dummy small), a chat template in
 the hub's layout (``<|im_start|>user\\n<|audio_bos|><|AUDIO|><|audio_eos|>QUESTION
 <|im_end|>\\n<|im_start|>assistant\\n`` after the default system turn) and the weights of
 ``Qwen2_5OmniForConditionalGeneration`` under transformers' own names, i.e. the hub's
@@ -89,7 +89,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-MRoPE_SECTION = [8, 12, 12]  # sums to head_dim / 2 = 32 (the real model: [16, 24, 24], head_dim 128)
+MROPE_SECTION = [8, 12, 12]  # sums to head_dim / 2 = 32 (the real model: [16, 24, 24], head_dim 128)
 PATCH, MERGE, TEMPORAL = 14, 2, 2
 MIN_PIXELS = (PATCH * MERGE) ** 2 * 4  # 4 merged patches
 MAX_PIXELS = (PATCH * MERGE) ** 2 * 16  # 16 merged patches
@@ -134,7 +134,7 @@ def text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
     return tiny.decoder_config(
         "qwen2_5_omni_text", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
         rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=eot,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(MRoPE_SECTION)},
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(MROPE_SECTION)},
     )
 
 
@@ -145,7 +145,7 @@ def talker_config(vocab: int, text_hidden: int, ids: dict) -> dict:
         "vocab_size": vocab, "embedding_size": text_hidden, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64,
         "max_position_embeddings": 4096, "tie_word_embeddings": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(MROPE_SECTION)},
         "tts_text_start_token_id": vocab - 1, "tts_text_end_token_id": vocab - 1, "tts_text_pad_token_id": vocab - 1,
         "tts_codec_start_token_id": 61, "tts_codec_end_token_id": 62, "tts_codec_pad_token_id": 60,
         "tts_codec_mask_token_id": 63,
@@ -186,16 +186,21 @@ def _tokenizer(vocab_size: int):
 
 def _processor(tokenizer):
     from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    vision = dict(
-        patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
-        size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
+        Qwen2VLImageProcessor,
     )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
+        Qwen2VLVideoProcessor,
+    )
+
+    vision = {
+        "patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": TEMPORAL,
+        "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
+        "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+    }
     return Qwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **vision),
-        video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **vision),
+        image_processor=Qwen2VLImageProcessor(**vision),
+        video_processor=Qwen2VLVideoProcessor(**vision),
         feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=30),
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
@@ -220,8 +225,8 @@ def build(
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
     out = tiny.prepare_out(out_dir, hidden, heads, kv_heads, audio_d_model=audio_d_model, audio_heads=audio_heads)
-    if 2 * sum(MRoPE_SECTION) != hidden // heads:
-        raise ValueError(f"mrope_section {MRoPE_SECTION} needs head_dim {2 * sum(MRoPE_SECTION)}, got {hidden // heads}")
+    if 2 * sum(MROPE_SECTION) != hidden // heads:
+        raise ValueError(f"mrope_section {MROPE_SECTION} needs head_dim {2 * sum(MROPE_SECTION)}, got {hidden // heads}")
     tokenizer = _tokenizer(vocab_size)
     processor = _processor(tokenizer)
     audio_id, eos, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN, EOS_TOKEN)

@@ -49,7 +49,10 @@ from .base import TARGET_SR, ReferenceSpeechLM, to_16k_mono
 
 class ReferenceQwen25Omni(ReferenceSpeechLM):
     def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32) -> None:
-        from transformers import AutoProcessor, Qwen2_5OmniThinkerForConditionalGeneration
+        from transformers import (
+            AutoProcessor,
+            Qwen2_5OmniThinkerForConditionalGeneration,
+        )
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
