@@ -102,8 +102,8 @@ ARCHITECTURES: dict[str, ArchFacts] = {
             ArchFacts(
                 architecture,
                 "vllm_affinity.adapters.qwen2_5_omni:AffinityQwen25OmniThinkerForConditionalGeneration",
-                # transformers' processor pads and truncates to one 30 s window
-                "Qwen2.5-Omni", 30, 750, deep_stage=True, positions="mrope", long_audio="truncate",
+                # vLLM asks transformers' processor not to truncate: any length, chunked encoder
+                "Qwen2.5-Omni", 30, 750, deep_stage=True, positions="mrope", long_audio="native",
             )
             for architecture in ("Qwen2_5OmniModel", "Qwen2_5OmniForConditionalGeneration")
         ),

@@ -285,7 +285,8 @@ def build(
     return out
 
 
-def builder_args(prog: str, description: str, hidden: int, max_audio_len: bool = False) -> argparse.ArgumentParser:
+def builder_args(prog: str, description: str, hidden: int, max_audio_len: bool = False,
+                 sharpen: float = 8.0) -> argparse.ArgumentParser:
     """The command line every tiny builder shares (``--max-audio-len`` where asked)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("out_dir")
@@ -294,7 +295,7 @@ def builder_args(prog: str, description: str, hidden: int, max_audio_len: bool =
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sharpen", type=float, default=8.0, help="scale of text q/k weights (default 8)")
+    p.add_argument("--sharpen", type=float, default=sharpen, help=f"scale of text q/k weights (default {sharpen:g})")
     if max_audio_len:
         p.add_argument("--max-audio-len", type=int, default=60, help="seconds per audio, multiple of 30 (default 60)")
     return p
@@ -305,10 +306,12 @@ def shape_kwargs(a: argparse.Namespace) -> dict:
 
 
 def run_builder(
-    build, name: str, prog: str, doc: str, *, hidden: int, max_audio_len: bool = False, argv: list[str] | None = None
+    build, name: str, prog: str, doc: str, *, hidden: int, max_audio_len: bool = False, argv: list[str] | None = None,
+    sharpen: float = 8.0,
 ) -> None:
     """A tiny builder's command line: parse :func:`builder_args`, ``build``, say where."""
-    a = builder_args(prog, doc.split("\n\n")[0], hidden=hidden, max_audio_len=max_audio_len).parse_args(argv)
+    a = builder_args(prog, doc.split("\n\n")[0], hidden=hidden, max_audio_len=max_audio_len,
+                     sharpen=sharpen).parse_args(argv)
     extra = {"max_audio_len": a.max_audio_len} if max_audio_len else {}
     out = build(a.out_dir, **shape_kwargs(a), **extra)
     print(f"tiny {name} written to {out}")

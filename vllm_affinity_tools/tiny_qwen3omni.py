@@ -53,7 +53,11 @@ attention over ``n_window_infer`` 800 frames) has d_model 128, 2 heads (head_dim
 (2 heads), deepstack after block 1, ``out_hidden_size`` = the text hidden size.
 Qwen3 has per-head q/k RMSNorm: scaling ``q_proj`` would be normalised away, so
 ``--sharpen`` scales the ``q_norm`` / ``k_norm`` weights instead (x F each; the shared
-:func:`~.tiny.sharpen_and_save` then runs with 1.0, an exact no-op).
+:func:`~.tiny.sharpen_and_save` then runs with 1.0, an exact no-op). Default x4, not
+the other builders' x8: each norm scale multiplies the attention logits, and at x8 (logits
+x64) vLLM's and transformers' float paths already differ by up to 1.2e-3 in log-prob on a
+425-token text prompt (x4: 5e-5), while x4 still moves log-probs by ~0.9 when the audio is
+pooled to 0.74.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from pathlib import Path
 from . import tiny
 from .tiny import build_tokenizer, sharpen_and_save
 
+SHARPEN = 4.0  # see the module docstring
 AUDIO_TOKEN = "<|audio_pad|>"
 AUDIO_BEGIN, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
@@ -108,10 +113,10 @@ CHAT_TEMPLATE = (
 # hub: patch 16, temporal 2, merge 2, CLIP-style 0.5 mean/std; tiny pixel budgets
 # (one merged token = (16 * 2) ** 2 = 1024 pixels): 1..16 tokens per image / frame pair
 _PATCH, _MERGE, _TEMPORAL = 16, 2, 2
-_VISION_KW = dict(
-    patch_size=_PATCH, temporal_patch_size=_TEMPORAL, merge_size=_MERGE,
-    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-)
+_VISION_KW = {
+    "patch_size": _PATCH, "temporal_patch_size": _TEMPORAL, "merge_size": _MERGE,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+}
 _MIN_PIXELS, _MAX_PIXELS = 1024, 16 * 1024
 
 
@@ -166,7 +171,7 @@ def text_config(
     head_dim = hidden // heads
     # the hub's [24, 20, 20] of head_dim 128 (64 rotary frequencies), scaled to head_dim
     scale = head_dim / 128
-    h = w = int(round(20 * scale))
+    h = w = round(20 * scale)
     section = [head_dim // 2 - h - w, h, w]
     return tiny.decoder_config(
         "qwen3_omni_moe_text", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
@@ -233,7 +238,7 @@ def build(
     heads: int = 4,
     kv_heads: int = 2,
     seed: int = 0,
-    sharpen: float = 8.0,
+    sharpen: float = SHARPEN,
     audio_layers: int = 2,
     audio_d_model: int = 128,
     audio_heads: int = 2,
@@ -252,28 +257,28 @@ def build(
     audio_id, eos, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN, EOS_TOKEN)
     ids = tokenizer.convert_tokens_to_ids
 
-    thinker = dict(
-        audio_config=encoder_config(audio_layers, audio_d_model, audio_heads, hidden),
-        vision_config=vision_config(hidden),
-        text_config=text_config(
+    thinker = {
+        "audio_config": encoder_config(audio_layers, audio_d_model, audio_heads, hidden),
+        "vision_config": vision_config(hidden),
+        "text_config": text_config(
             vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
             experts=experts, top_k=top_k, moe_intermediate=moe_intermediate,
         ),
-        audio_token_id=audio_id,
-        audio_start_token_id=ids(AUDIO_BEGIN),
+        "audio_token_id": audio_id,
+        "audio_start_token_id": ids(AUDIO_BEGIN),
         # not declared by Qwen3OmniMoeThinkerConfig but in the hub's config and read:
         # transformers' get_rope_index (vision start), vLLM's audio-in-video (audio end)
-        audio_end_token_id=ids(AUDIO_END),
-        vision_start_token_id=ids(VISION_BEGIN),
-        vision_end_token_id=ids(VISION_END),
-        image_token_id=ids(IMAGE_TOKEN),
-        video_token_id=ids(VIDEO_TOKEN),
-        user_token_id=tokenizer("user", add_special_tokens=False)["input_ids"][0],
-        position_id_per_seconds=25,
-        tie_word_embeddings=False,
-        pad_token_id=eot,
-        eos_token_id=eos,
-    )
+        "audio_end_token_id": ids(AUDIO_END),
+        "vision_start_token_id": ids(VISION_BEGIN),
+        "vision_end_token_id": ids(VISION_END),
+        "image_token_id": ids(IMAGE_TOKEN),
+        "video_token_id": ids(VIDEO_TOKEN),
+        "user_token_id": tokenizer("user", add_special_tokens=False)["input_ids"][0],
+        "position_id_per_seconds": 25,
+        "tie_word_embeddings": False,
+        "pad_token_id": eot,
+        "eos_token_id": eos,
+    }
     config = Qwen3OmniMoeConfig(
         thinker_config=thinker,
         enable_audio_output=False,
@@ -302,7 +307,10 @@ def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
     """:func:`~.tiny.check_reload` as ``Qwen3OmniMoeForConditionalGeneration`` (given
     ``expected``, the very same tensors), then as the
     ``Qwen3OmniMoeThinkerForConditionalGeneration`` the reference loads."""
-    from transformers import Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
+    from transformers import (
+        Qwen3OmniMoeForConditionalGeneration,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
 
     tiny.check_reload(Qwen3OmniMoeForConditionalGeneration, model_dir, expected)
     thinker = None
@@ -313,7 +321,8 @@ def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     tiny.run_builder(
-        build, "Qwen3-Omni", "python -m vllm_affinity_tools.tiny_qwen3omni", __doc__, hidden=256, argv=argv
+        build, "Qwen3-Omni", "python -m vllm_affinity_tools.tiny_qwen3omni", __doc__, hidden=256, argv=argv,
+        sharpen=SHARPEN,
     )
 
 if __name__ == "__main__":

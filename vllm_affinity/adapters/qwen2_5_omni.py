@@ -1,8 +1,8 @@
 """Qwen2.5-Omni's thinker on the adapter: both stages, M-RoPE (:mod:`.omni`).
 
-Differs from the base: its stock count (Whisper-style encoder, 25 tokens per second of
-the first 30 s: transformers' processor pads and truncates to the 3000-frame window, like
-Qwen2-Audio's); the Omni parts (positions from K, ``use_audio_in_video`` refused, only
+Differs from the base: its stock count (Whisper-style encoder, 25 tokens per second of the
+whole audio: vLLM calls transformers' processor with ``truncation=False``, so audio over 30 s
+is encoded whole, in the encoder's 100-frame chunks); the Omni parts (positions from K, ``use_audio_in_video`` refused, only
 audio embeddings pooled) come from :mod:`.omni`. Served for both registry names vLLM
 maps to this thinker (``Qwen2_5OmniModel``, ``Qwen2_5OmniForConditionalGeneration``);
 the talker (speech output) is not part of vLLM's model.
@@ -20,7 +20,6 @@ from vllm.model_executor.models.qwen2_5_omni_thinker import (
 from vllm.model_executor.models.qwen2_audio import _get_feat_extract_output_lengths
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..encoder import window_mel_frames
 from .. import compat
 from .base import AffinityDummyInputsMixin, AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin
 from .omni import OmniModelMixin, OmniProcessorMixin
@@ -40,10 +39,14 @@ class AffinityQwen25OmniMultiModalProcessor(
     OmniProcessorMixin, AffinityProcessorMixin, Qwen2_5OmniThinkerMultiModalProcessor
 ):
     def stock_tokens(self, num_samples: int) -> int:
-        """ceil(samples / hop) mel frames of the first 30 s, then two stride-2 stages."""
+        """The feature extractor's mask frames, then two stride-2 stages. Up to its 30 s
+        window the audio is padded to it and the mask marks ceil(samples / hop) frames; a
+        longer audio is not padded and has samples // hop frames (the last partial hop has
+        no STFT frame)."""
         fe = self.info.get_feature_extractor()
-        frames = window_mel_frames(num_samples, windows=False, window_samples=fe.n_samples, hop=fe.hop_length)
-        return int(_get_feat_extract_output_lengths(torch.tensor(frames))[1].sum())
+        n, hop = int(num_samples), int(fe.hop_length)
+        frames = -(-n // hop) if n <= int(fe.n_samples) else n // hop
+        return int(_get_feat_extract_output_lengths(torch.tensor(frames))[1])
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -11,6 +11,8 @@ from .base import (
 from .glmasr import ReferenceGlmAsr
 from .qwen2_audio import ReferenceQwen2Audio
 from .qwen3asr import ReferenceQwen3Asr
+from .qwen25omni import ReferenceQwen25Omni
+from .qwen3omni import ReferenceQwen3Omni
 
 __all__ = [
     "ReferenceSpeechLM",
@@ -18,6 +20,8 @@ __all__ = [
     "ReferenceAudioFlamingo3",
     "ReferenceGlmAsr",
     "ReferenceQwen3Asr",
+    "ReferenceQwen25Omni",
+    "ReferenceQwen3Omni",
     "ProcessorWindowedSpeechLM",
     "ReferenceOutput",
     "calibrate_keep_ratio",

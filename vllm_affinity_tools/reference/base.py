@@ -148,6 +148,7 @@ class ReferenceSpeechLM:
         deep_window: int = 3,
         deep_method: pooling.Method = "affinity",
         deep_pool_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        deep_position_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         **audio_kw,
     ) -> ReferenceOutput:
         """Greedy decoding; ``prompt`` holds one audio placeholder per audio (unexpanded).
@@ -156,7 +157,9 @@ class ReferenceSpeechLM:
         ``deep_merge_layer`` (0-based, ``0 <= L <= num_layers - 2``) turns on the deep
         merge stage after decoder layer L; ``deep_pool_fn`` maps an (m, hidden) span of
         that layer's output to group ``sizes`` (default: ``pooling.group_sizes`` with
-        ``num_kept(m, deep_keep_ratio)``, ``deep_method``, ``deep_window``).
+        ``num_kept(m, deep_keep_ratio)``, ``deep_method``, ``deep_window``);
+        ``deep_position_fn(positions, sizes)`` gives the merged rows' positions (default
+        :func:`pooling.merge_positions`, the floor of the members' mean; tests pass wrong ones).
         ``audio_kw`` goes to :meth:`audio_embeddings`.
         """
         lm = self.language_model
@@ -207,7 +210,8 @@ class ReferenceSpeechLM:
                     return pooling.group_sizes(x, k, deep_method, deep_window)
 
             out_ids, logprobs, deep_kept, deep_kv_len = self._generate_deep(
-                embeds, spans, max_new_tokens, deep_merge_layer, deep_pool_fn
+                embeds, spans, max_new_tokens, deep_merge_layer, deep_pool_fn,
+                deep_position_fn or pooling.merge_positions,
             )
         else:
             out_ids, logprobs = self._generate_plain(embeds, len(full), max_new_tokens)
@@ -248,6 +252,7 @@ class ReferenceSpeechLM:
         max_new_tokens: int,
         merge_layer: int,
         deep_pool_fn: Callable[[torch.Tensor], torch.Tensor],
+        position_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = pooling.merge_positions,
     ) -> tuple[list[int], list[torch.Tensor], list[int], int]:
         """Greedy loop driving the decoder layers one by one with the deep merge after
         layer ``merge_layer``. Returns (tokens, logprobs, K per audio, deep KV length)."""
@@ -287,7 +292,7 @@ class ReferenceSpeechLM:
                         if sizes.dim() != 1 or int(sizes.sum()) != m or bool((sizes < 1).any()):
                             raise ValueError(f"deep group sizes {sizes.tolist()} do not split a span of {m}")
                         rows.append(pooling.merge(span, sizes))
-                        new_pos.append(pooling.merge_positions(pos[0, start : start + m], sizes))
+                        new_pos.append(position_fn(pos[0, start : start + m], sizes))
                         kept.append(int(sizes.numel()))
                     else:
                         kept.append(0)

@@ -14,8 +14,9 @@ transformers' ``Qwen2_5OmniAudioEncoder``):
    call): a clip up to 30 s is zero-padded to 3000 frames, a longer one is **not** cut
    (45 s -> 4500 frames: vLLM keeps the whole clip, where transformers' processor with
    its default ``truncation=True`` would keep 30 s); the frame mask holds
-   ``f = ceil(n / 160)`` ones and only those frames reach the encoder (vLLM's
-   ``input_audio_features`` = the masked frames, ``audio_feature_lengths`` = ``f``);
+   ``f = ceil(n / 160)`` ones up to 30 s, ``n // 160`` beyond, and only those frames
+   reach the encoder (vLLM's ``input_audio_features`` = the masked frames,
+   ``audio_feature_lengths`` = ``f``);
 2. encoder: the frames are cut into 100-frame chunks (``2 * n_window``), conv1, conv2
    (stride 2) and sinusoidal positions per chunk, self-attention within each chunk
    (``cu_seqlens``), stride-2 average pooling over the whole audio, LayerNorm, ``proj``
@@ -93,14 +94,18 @@ class ReferenceQwen25Omni(ReferenceSpeechLM):
             feats, fmask = self.features([wave])
             emb = self.model.get_audio_features(feats, feature_attention_mask=fmask).last_hidden_state
             n = self.num_audio_tokens(int(wave.shape[0]))
-            if emb.shape[0] != n or int(fmask.sum()) != -(-int(wave.shape[0]) // self._hop):
+            if emb.shape[0] != n or int(fmask.sum()) != self.frames(int(wave.shape[0])):
                 raise RuntimeError(f"encoder returned {emb.shape[0]} rows ({int(fmask.sum())} frames), the count says {n}")
             out.append(emb)
         return out
 
-    @property
-    def _hop(self) -> int:
-        return int(self.processor.feature_extractor.hop_length)
+    def frames(self, n_samples: int) -> int:
+        """Mask frames of a clip of ``n_samples`` (16 kHz) as vLLM's processor call makes
+        them: ``ceil(n / hop)`` up to 30 s (the clip is padded to 480000 samples), ``n // hop``
+        beyond (no padding, no cut; the extractor trims the mask to the STFT frames)."""
+        fe = self.processor.feature_extractor
+        n, hop = int(n_samples), int(fe.hop_length)
+        return -(-n // hop) if n <= int(fe.n_samples) else n // hop
 
     @staticmethod
     def tokens_from_frames(frames: int) -> int:
@@ -109,5 +114,5 @@ class ReferenceQwen25Omni(ReferenceSpeechLM):
 
     def num_audio_tokens(self, n_samples: int) -> int:
         """Placeholders an audio of ``n_samples`` (16 kHz) expands to in vLLM (= rows of
-        :meth:`audio_embeddings`): ``f = ceil(n / hop)`` mask frames, no 30 s cap."""
-        return int(self.tokens_from_frames(-(-int(n_samples) // self._hop)))
+        :meth:`audio_embeddings`): :meth:`tokens_from_frames` of :meth:`frames`, no 30 s cap."""
+        return int(self.tokens_from_frames(self.frames(n_samples)))

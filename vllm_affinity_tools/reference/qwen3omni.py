@@ -51,7 +51,10 @@ TOKENS_PER_CHUNK = 13
 
 class ReferenceQwen3Omni(ReferenceSpeechLM):
     def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32) -> None:
-        from transformers import AutoProcessor, Qwen3OmniMoeThinkerForConditionalGeneration
+        from transformers import (
+            AutoProcessor,
+            Qwen3OmniMoeThinkerForConditionalGeneration,
+        )
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
