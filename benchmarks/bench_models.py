@@ -21,7 +21,7 @@ ids patched in, and the tiny checkpoint's tokenizer / processor files (no weight
 
 * ``omni-7b``: Qwen2.5-Omni-7B's thinker (registry name ``Qwen2_5OmniModel``), tokenizer
   from ``.cache/tiny-qwen25omni``; the vision tower is not loaded (image and video limits 0);
-  25 audio tokens per second of the first 30 s (Qwen2-Audio's arithmetic);
+  25 audio tokens per second (Qwen2-Audio's arithmetic; vLLM does not truncate at 30 s);
 * ``qwen3asr-1.7b``: Qwen3-ASR-1.7B (``Qwen3ASRForConditionalGeneration``), tokenizer from
   ``.cache/tiny-qwen3asr``; 13 audio tokens per 100 mel frames.
 
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -72,7 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_offline import cpu_busy_jiffies, load_cfg, make_clips, pct  # noqa: E402
+from benchmarks.bench_offline import cpu_busy_jiffies, load_cfg, make_clips, pct
 
 CACHE = ROOT / ".cache" / "bench"
 QUESTION = "What does the speaker say?"
@@ -130,7 +131,7 @@ def sub(cfg: dict, model: Model) -> dict:
 
 # -- CPU probe -----------------------------------------------------------------------------
 MATMUL = """
-import time, torch
+import json, time, torch
 torch.manual_seed(0)
 out = {}
 for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
@@ -140,15 +141,15 @@ for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
     for _ in range(5):
         a @ b
     out[name] = 5 * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9
-print(out)
+print(json.dumps(out))
 """
 
 
-def probe_cpu(timeout_s: float = 120.0) -> dict:
+def probe_cpu(timeout_s: float = 120.0, cpuinfo: str | None = None) -> dict:
     """CPU model, bf16-relevant flags and whether bf16 is native (flags, else a timed matmul)."""
     model_name, flags = "unknown", set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in (cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()).splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and model_name == "unknown":
                 model_name = value.strip()
@@ -164,9 +165,10 @@ def probe_cpu(timeout_s: float = 120.0) -> dict:
         out["bf16_basis"] = "cpuinfo flag " + ("amx_bf16" if "amx_bf16" in flags else "avx512_bf16")
         return out
     try:
-        r = subprocess.run([sys.executable, "-c", MATMUL], capture_output=True, text=True, timeout=timeout_s)
-        g = eval(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None  # noqa: S307 (our own dict)
-    except (subprocess.TimeoutExpired, IndexError, SyntaxError):
+        r = subprocess.run([sys.executable, "-c", MATMUL], capture_output=True, text=True, timeout=timeout_s,
+                           check=False)
+        g = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    except (subprocess.TimeoutExpired, IndexError, ValueError):
         g = None
     out["matmul_gflops"] = g
     if g and g["bfloat16"] >= 0.8 * g["float32"]:
@@ -289,8 +291,8 @@ def spec_for(variant: str, layers: int, full_layers: int):
 def stock_audio_tokens(model: Model, samples: int, fe: dict) -> int:
     """Placeholders stock vLLM puts in the prompt for one audio (the adapters' stock_tokens)."""
     hop = int(fe["hop_length"])
-    if model.key == "omni-7b":  # ceil(samples / hop) frames of the first 30 s; conv2 then pool (Qwen2-Audio)
-        frames = -(-min(samples, int(fe["n_samples"])) // hop)
+    if model.key == "omni-7b":  # the mask's frames (see mel_frames), then conv2 and the pool (Qwen2-Audio's)
+        frames = mel_frames(model, samples, fe)
         return ((frames - 1) // 2 + 1 - 2) // 2 + 1
     frames = max(samples, int(fe.get("min_length", 0))) // hop  # Qwen3-ASR: 13 per 100 frames + the rest
     rest = (frames % 100 - 1) // 2 + 1
@@ -298,9 +300,12 @@ def stock_audio_tokens(model: Model, samples: int, fe: dict) -> int:
 
 
 def mel_frames(model: Model, samples: int, fe: dict) -> int:
+    """Real mel frames the encoder sees. Qwen2.5-Omni (vLLM calls the processor with
+    ``truncation=False``): ceil(samples / hop) up to the 30 s window (padded to it), samples //
+    hop above (not padded); Qwen3-ASR: samples // hop on at least ``min_length`` samples."""
     hop = int(fe["hop_length"])
     if model.key == "omni-7b":
-        return -(-min(samples, int(fe["n_samples"])) // hop)
+        return -(-samples // hop) if samples <= int(fe["n_samples"]) else samples // hop
     return max(samples, int(fe.get("min_length", 0))) // hop
 
 
@@ -505,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prompt = importlib.import_module(f"vllm_affinity_tools.{model.builder}").prompt(QUESTION)
         samples = {s_: sf.info(str(c)).frames for s_, c in clips.items()}
-        for s_, c in clips.items():
+        for c in clips.values():
             if sf.info(str(c)).samplerate != 16000:
                 raise SystemExit(f"{c}: expected 16 kHz")
         est = estimate_gib(cfg, model, 2 if dtype == "bfloat16" else 4, n_layers, n_enc, kv_gib)
@@ -596,7 +601,7 @@ def aggregate(a, model: Model, cfg: dict, specs: dict, runs: list[dict], samples
                 checks.append(f"{secs:g} s {variant}: engine prompt {v['prompt']} - audio {v['k_in']} = "
                               f"{v['text_tokens']} text tokens, stock has {base['text_tokens']}")
             rows.append({"bucket_s": secs, "variant": variant, **v, "baseline": "stock",
-                         "truncated": model.key == "omni-7b" and secs > 30,
+                         "truncated": False,  # both encode the whole audio (the processor's own chunks)
                          "ttft_speedup": base["median"] / v["median"],
                          "flops_limit_speedup": base["flops"] / v["flops"],
                          "kv_ratio": v["kv_bytes"] / base["kv_bytes"],
@@ -612,7 +617,7 @@ def write_outputs(a, model: Model, rows: list[dict], runs: list[dict], cpu: dict
     stem = f"offline_{model.key}" + ("_scaled" if a.scaled else "")
 
     def f(x, fmt):
-        return "–" if x is None or x != x else format(x, fmt)
+        return "–" if x is None or math.isnan(x) else format(x, fmt)
 
     layers = (f"text {shape['text_layers']}/{shape['text_layers_full']} layers, audio encoder "
               f"{shape['encoder_layers']}/{shape['encoder_layers_full']} layers"
@@ -623,7 +628,7 @@ def write_outputs(a, model: Model, rows: list[dict], runs: list[dict], cpu: dict
         f"{model.title}{' scaled' if a.scaled else ''}. {a.reps} timed requests x {a.rounds} rounds per cell after a "
         f"warm-up; max_tokens=1; single-process engine, dummy weights, {shape['dtype']}; {layers}"
         + (f"; merge layer (0-based) {merge}" if merge else "")
-        + (" ; vision tower not loaded (image / video limit 0)" if model.key == "omni-7b" else "")
+        + ("; vision tower not loaded (image / video limit 0)" if model.key == "omni-7b" else "")
         + f". CPU: {cpu['cpu_model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags_found']) or 'none of interest'}"
         f", bf16 native: {'yes' if cpu['bf16_native'] else 'no'} ({cpu['bf16_basis']}). Baseline: stock vLLM "
         "(`VLLM_PLUGINS=\"\"`). Audio tokens: stock count (the processor's arithmetic) → after the input stage → "
@@ -632,8 +637,8 @@ def write_outputs(a, model: Model, rows: list[dict], runs: list[dict], cpu: dict
         "'of limit' = (speed-up - 1) / (FLOPs limit - 1). 'merge / TTFT': similarity + grouping + pooling of both "
         "stages, timed alone, over the variant's TTFT. 'other CPU': CPUs used by other processes while the engine "
         "ran (max over rounds)."
-        + (" Audio over 30 s: Qwen2.5-Omni's processor keeps the first 30 s in every variant."
-           if any(r["truncated"] for r in rows) else "")
+        + (f" WARNING: other processes used up to {busy:.2f} CPUs while an engine ran: the timings are not "
+           "comparable; rerun on an idle machine." if (busy := max(r["other_cpu"] for r in rows)) > 0.25 else "")
         + (" COUNT CHECK FAILED: " + "; ".join(checks) if checks else
            " Count check: engine prompt length - audio tokens is the same text length in every variant.")
     )
