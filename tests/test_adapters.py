@@ -22,7 +22,7 @@ from vllm_affinity import accounting
 from vllm_affinity import pooling as P
 from vllm_affinity.plan import DeepPlan
 
-from .conftest import CACHE, ENGINE_KW, ROOT, load_audio, run_engine_subprocess
+from .conftest import CACHE, ENGINE_KW, load_audio, run_engine_subprocess
 from .parity import LOGPROB_TOL, json_compare
 
 pytestmark = pytest.mark.engine

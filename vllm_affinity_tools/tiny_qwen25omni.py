@@ -108,7 +108,7 @@ def audio_config(layers: int, d_model: int, heads: int, output_dim: int) -> dict
     return {
         **tiny.audio_encoder_config("qwen2_5_omni_audio_encoder", layers, d_model, heads),
         "output_dim": output_dim,
-        "n_window": 50,  # the real model's chunk size: 2 * n_window = 100 frames
+        "n_window": 50,  # 2 * n_window = 100-frame chunks (the 7B: n_window 100); the count does not depend on it
     }
 
 

@@ -53,8 +53,9 @@ NUM_KEPT_FIELD = "affinity_num_kept"
 #: processed-data keys of audio features (their absence means precomputed embeddings)
 FEATURE_KEYS = ("input_features", "input_audio_features")
 SAMPLE_RATE = 16000
-#: attribute set on vLLM's profiling ProcessorInputs (a dataclass) by get_dummy_inputs
-PROFILING_MARK = "_affinity_profiling"
+#: attribute set on a ProcessorInputs (a dataclass) that is not a request to count: vLLM's profiling
+#: input (get_dummy_inputs), Whisper's language-detection request
+UNCOUNTED_MARK = "_affinity_uncounted"
 STATS_INTERVAL_S = 10.0
 FAULT_ENV = "VLLM_AFFINITY_INJECT_FAULT"
 TRACE_ENV = "VLLM_AFFINITY_TRACE_DIR"
@@ -294,13 +295,13 @@ class AffinityProcessorMixin:
         inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
         # vLLM's start-up profiling input: processed like a request, but not one (no log line,
         # not counted on /metrics)
-        setattr(inputs, PROFILING_MARK, True)
+        setattr(inputs, UNCOUNTED_MARK, True)
         return inputs
 
     def apply(self, inputs, timing_ctx):
         audios = self.check_request(inputs)
         out = super().apply(inputs, timing_ctx)
-        if audios is not None and not getattr(inputs, PROFILING_MARK, False):
+        if audios is not None and not getattr(inputs, UNCOUNTED_MARK, False):
             self._account(out, self.keep_ratio(inputs.hf_processor_mm_kwargs), audios)
         return out
 

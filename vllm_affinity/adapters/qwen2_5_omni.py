@@ -1,11 +1,12 @@
 """Qwen2.5-Omni's thinker on the adapter: both stages, M-RoPE (:mod:`.omni`).
 
 Differs from the base: its stock count (Whisper-style encoder, 25 tokens per second of the
-whole audio: vLLM calls transformers' processor with ``truncation=False``, so audio over 30 s
-is encoded whole, in the encoder's 100-frame chunks); the Omni parts (positions from K, ``use_audio_in_video`` refused, only
-audio embeddings pooled) come from :mod:`.omni`. Served for both registry names vLLM
-maps to this thinker (``Qwen2_5OmniModel``, ``Qwen2_5OmniForConditionalGeneration``);
-the talker (speech output) is not part of vLLM's model.
+whole audio: vLLM calls transformers' processor with ``truncation=False``, so audio over
+30 s is encoded whole, in the encoder's chunks of 2 * n_window frames); the Omni parts
+(positions from K, ``use_audio_in_video`` refused, only audio embeddings pooled) come from
+:mod:`.omni`. Served for both registry names vLLM maps to this thinker
+(``Qwen2_5OmniModel``, ``Qwen2_5OmniForConditionalGeneration``); the talker (speech
+output) is not part of vLLM's model.
 """
 
 from __future__ import annotations

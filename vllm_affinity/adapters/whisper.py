@@ -53,12 +53,24 @@ from .base import (
     AffinityInfoMixin,
     AffinityModelMixin,
     AffinityProcessorMixin,
+    UNCOUNTED_MARK,
     validated_config,
 )
 
 logger = logging.getLogger("vllm.affinity")
 
 ARCH = "WhisperForConditionalGeneration"
+
+
+#: mm_processor_kwargs key the plugin puts on the transcription API's language-detection prompt
+LANGUAGE_DETECTION_KEY = "affinity_language_detection"
+#: openai-whisper: a checkpoint is multilingual iff its vocabulary has at least this many entries
+MULTILINGUAL_VOCAB = 51865
+
+
+def english_only(hf_config) -> bool:
+    """An English-only Whisper checkpoint (tiny.en, base.en, ...)."""
+    return int(hf_config.vocab_size) < MULTILINGUAL_VOCAB
 
 
 def whisper_config(hf_config) -> AffinityConfig:
@@ -114,6 +126,21 @@ class AffinityWhisperMultiModalProcessor(AffinityProcessorMixin, WhisperMultiMod
         bs = self.block_size()
         return accounting.cross_attention_blocks_saved(sum(n), sum(kept), bs) if bs else 0.0
 
+    EXTRA_MM_KWARGS = (LANGUAGE_DETECTION_KEY,)
+
+    def apply(self, inputs, timing_ctx):
+        if not (inputs.hf_processor_mm_kwargs or {}).get(LANGUAGE_DETECTION_KEY):
+            return super().apply(inputs, timing_ctx)
+        # the transcription API's language-detection request precedes the transcription of the
+        # same audio: pooled alike, but not counted (the audio is counted once, with its transcript)
+        setattr(inputs, UNCOUNTED_MARK, True)
+        logger.debug("vllm-affinity: language-detection request, not counted")
+        return super().apply(inputs, timing_ctx)
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != LANGUAGE_DETECTION_KEY}
+        return super()._call_hf_processor(hf_data, hf_kwargs)
+
 
 @MULTIMODAL_REGISTRY.register_processor(
     AffinityWhisperMultiModalProcessor,
@@ -124,6 +151,44 @@ class AffinityWhisperForConditionalGeneration(AffinityModelMixin, WhisperForCond
     """Stock Whisper whose encoder output is pooled to the processor's count."""
 
     ARCH = ARCH
+
+    # -- /v1/audio/transcriptions on English-only checkpoints (tiny.en, base.en, ...) ----------
+    # Stock vLLM 0.32 builds every Whisper prompt as <|startoftranscript|><|lang|><|task|>
+    # <|notimestamps|> and, without `language`, first asks the model for a language token. An
+    # English-only checkpoint was trained on <|startoftranscript|><|notimestamps|> alone: the
+    # multilingual prompt yields ' to', ' (2)' or nothing, and its detection answer is no language
+    # token (AssertionError, HTTP 500). openai-whisper's rule: English-only iff the vocabulary has
+    # fewer than 51865 entries. Multilingual checkpoints keep vLLM's behaviour.
+    @classmethod
+    def get_generation_prompt(cls, stt_params):
+        if not english_only(stt_params.model_config.hf_config):
+            return super().get_generation_prompt(stt_params)
+        from vllm.inputs import ExplicitEncoderDecoderPrompt, TextPrompt
+
+        if stt_params.language not in (None, "en"):
+            raise ValueError(f"language={stt_params.language!r}: this Whisper checkpoint is English-only")
+        if stt_params.task_type != "transcribe":
+            raise ValueError(f"task {stt_params.task_type!r}: this Whisper checkpoint is English-only "
+                             "and only transcribes")
+        prev = f"<|prev|>{stt_params.request_prompt}" if stt_params.request_prompt else ""
+        return ExplicitEncoderDecoderPrompt(
+            encoder_prompt=TextPrompt(
+                prompt="", multi_modal_data={"audio": (stt_params.audio, stt_params.stt_config.sample_rate)}),
+            decoder_prompt=TextPrompt(prompt=prev + "<|startoftranscript|><|notimestamps|>"),
+        )
+
+    @classmethod
+    def get_language_detection_prompt(cls, audio, stt_config):
+        prompt = super().get_language_detection_prompt(audio, stt_config)
+        # marks the request for the processor (it is not counted as an audio of its own)
+        prompt["encoder_prompt"]["mm_processor_kwargs"] = {LANGUAGE_DETECTION_KEY: True}
+        return prompt
+
+    @classmethod
+    def parse_language_detection_output(cls, token_ids, tokenizer) -> str:
+        if len(tokenizer) < MULTILINGUAL_VOCAB:  # English-only: there is nothing to detect
+            return "en"
+        return super().parse_language_detection_output(token_ids, tokenizer)
 
     def describe(self) -> str:
         frames = int(self.config.max_source_positions)
