@@ -1,11 +1,17 @@
-"""The tiny AudioFlamingo3, GLM-ASR and Qwen3-ASR checkpoints and the Hugging Face
-references on them (no vLLM).
+"""The tiny AudioFlamingo3, GLM-ASR, Qwen3-ASR, Qwen2.5-Omni and Qwen3-Omni-MoE
+checkpoints and the Hugging Face references on them (no vLLM).
 
 Each builder is deterministic and its checkpoint reloads cleanly in transformers; the
 reference at keep_ratio 1.0 is transformers' own model (processor + ``generate``); its
 count is the processor's (AF3 and GLM-ASR: 30 s windows capped at ``max_audio_len``;
-Qwen3-ASR: no window, no cap); its pooling and deep merge keep exactly the counts of
-:mod:`vllm_affinity.pooling`.
+Qwen3-ASR: no window, no cap; the Omni thinkers: the processor called as vLLM calls it,
+no cap); its pooling and deep merge keep exactly the counts of :mod:`vllm_affinity.pooling`.
+
+The Omni checkpoints are the full models' (top-level ``Qwen2_5OmniConfig`` /
+``Qwen3OmniMoeConfig`` holding ``thinker_config``, weights under ``thinker.*``, audio
+output off); the references load only the thinker, whose text model uses M-RoPE: the
+reference repeats the 1-D positions per component, and ``generate`` (which computes its
+own M-RoPE positions) must agree.
 
 Every test takes the architecture as an indirect ``arch`` parameter (the per-architecture
 facts are in :data:`ARCHS`); a test that only one or two architectures have is
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +86,70 @@ def _qwen3asr_layout(cfg, proc, keys, tiny) -> None:
     assert tiny.AUDIO_PART in tiny.prompt("What?")
 
 
+def _omni_common(cfg, proc, keys, tiny) -> tuple[dict, dict, int]:
+    """Checks both Omni thinkers share; returns (text_config, audio_config, head_dim)."""
+    assert cfg["enable_audio_output"] is False  # no talker / token2wav built or saved
+    thinker = cfg["thinker_config"]
+    text, audio = thinker["text_config"], thinker["audio_config"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    assert head_dim >= 32  # vLLM CPU attention
+    assert audio["d_model"] // audio["encoder_attention_heads"] >= 32
+    assert audio["num_mel_bins"] == proc.feature_extractor.feature_size == 128
+    assert audio["output_dim"] == text["hidden_size"]  # no separate projector
+    # M-RoPE: mrope_section halves the rotary dims (sum = head_dim / 2)
+    rope = text.get("rope_parameters") or {}
+    assert sum(rope["mrope_section"]) == head_dim // 2
+    # the brackets and the placeholder are one token each, in the prompt and on their own
+    tok = proc.tokenizer
+    assert (proc.audio_token, proc.audio_bos_token, proc.audio_eos_token) == (
+        tiny.AUDIO_TOKEN, tiny.AUDIO_BEGIN, tiny.AUDIO_END
+    )
+    assert tiny.AUDIO_PART == tiny.AUDIO_BEGIN + tiny.AUDIO_TOKEN + tiny.AUDIO_END
+    part = [tiny.AUDIO_BEGIN, tiny.AUDIO_TOKEN, tiny.AUDIO_END]
+    assert tok.convert_ids_to_tokens(tok(tiny.AUDIO_PART, add_special_tokens=False)["input_ids"]) == part
+    toks = tok.convert_ids_to_tokens(tok(tiny.prompt("What?"), add_special_tokens=False)["input_ids"])
+    i = toks.index(tiny.AUDIO_BEGIN)
+    assert toks[i - 3 : i + 3] == ["<|im_start|>", "user", "Ċ", *part]
+    # the token ids live in the thinker config
+    assert thinker["audio_start_token_id"] == tok.convert_tokens_to_ids(tiny.AUDIO_BEGIN)
+    assert thinker["audio_end_token_id"] == tok.convert_tokens_to_ids(tiny.AUDIO_END)
+    # untied everywhere (top level, thinker, text_config, which vLLM's text model reads): lm_head saved
+    assert cfg["tie_word_embeddings"] is False and thinker["tie_word_embeddings"] is False
+    assert text["tie_word_embeddings"] is False
+    assert "thinker.lm_head.weight" in keys
+    assert "thinker.model.embed_tokens.weight" in keys  # the text model is thinker.model (no language_model)
+    assert not any(k.startswith("thinker.model.language_model.") for k in keys)
+    assert any(k.startswith("thinker.audio_tower.") for k in keys)
+    return text, audio, head_dim
+
+
+def _qwen25omni_layout(cfg, proc, keys, tiny) -> None:
+    assert type(proc.feature_extractor).__name__ == "WhisperFeatureExtractor"
+    assert proc.feature_extractor.n_samples == 480000  # padded to 30 s (longer clips: see hf_kwargs)
+    text, audio, _ = _omni_common(cfg, proc, keys, tiny)
+    assert text["model_type"] == "qwen2_5_omni_text"
+    assert "mrope_interleaved" not in text["rope_parameters"]
+    assert audio["n_window"] == 50
+    assert cfg["thinker_config"]["audio_token_index"] == proc.tokenizer.convert_tokens_to_ids(tiny.AUDIO_TOKEN)
+    assert not any(k.endswith(("q_norm.weight", "k_norm.weight")) for k in keys)  # Qwen2: q_proj sharpened
+
+
+def _qwen3omni_layout(cfg, proc, keys, tiny) -> None:
+    assert type(proc.feature_extractor).__name__ == "WhisperFeatureExtractor"
+    text, audio, head_dim = _omni_common(cfg, proc, keys, tiny)
+    assert text["model_type"] == "qwen3_omni_moe_text"
+    assert text["head_dim"] == head_dim
+    assert text["rope_parameters"]["mrope_interleaved"] is True
+    assert audio["n_window"] == 50  # vLLM's count hard-codes 100-frame chunks
+    # MoE: every layer sparse, top-k of the experts, the experts fused as transformers keeps them
+    assert text["num_experts"] > text["num_experts_per_tok"] >= 2
+    assert text["decoder_sparse_step"] == 1 and text["mlp_only_layers"] == []
+    n_layers = text["num_hidden_layers"]
+    for suffix in ("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+        assert sum(k.endswith(suffix) for k in keys) == n_layers, suffix
+    assert any(k.endswith("self_attn.q_norm.weight") for k in keys)
+
+
 @dataclass(frozen=True)
 class Arch:
     builder: str  # module under vllm_affinity_tools
@@ -97,6 +167,23 @@ class Arch:
     cap_rows_per_window: int | None = None  # rows per 30 s window under max_audio_len
     features: tuple[tuple[int, ...], list[int]] | None = None  # long clip: (input_features shape, mask sums)
     token_counts: tuple[tuple[int, int], ...] = ()  # (frames, tokens_from_frames)
+    # config.json -> the config that holds the token ids and text_config (Omni: thinker_config)
+    lm_config: Callable[[dict], dict] = lambda cfg: cfg
+    audio_id_key: str = "audio_token_id"  # the placeholder id's key in lm_config
+    processor_audio_id: bool = True  # the processor exposes audio_token_id
+    reload_classes: tuple[str, ...] = ()  # transformers classes that reload cleanly (default: model)
+    qk_norm_scale: float | None = None  # Qwen3 q/k RMSNorm weights after sharpening
+    text_prefix: str = ""  # saved names of the text model's tensors
+    # the HF processor call vLLM makes: extra kwargs, waves zero-padded to a multiple of hf_pad samples
+    hf_kwargs: dict = field(default_factory=dict)
+    hf_pad: int = 1
+    mask_key: str = "input_features_mask"  # the processor's frame mask
+    # (model, processor inputs) -> transformers' audio embeddings of those inputs
+    hf_audio_features: Callable = lambda model, inputs: model.model.get_audio_features(
+        inputs["input_features"], inputs["input_features_mask"]
+    ).pooler_output
+    processor_counts: tuple[int, ...] = ()  # sample counts whose processor count num_audio_tokens must match
+    seconds_counts: tuple[tuple[int, int], ...] = ()  # (seconds, num_audio_tokens)
 
 
 AUDIO = {"type": "audio"}
@@ -150,6 +237,87 @@ ARCHS = {
         token_counts=(
             (100, 13), (200, 26), (50, 7), (1, 1), (0, 0), (99, 13), (101, 14), (500, 65), (2000, 260), (3000, 390)
         ),
+        qk_norm_scale=8.0,
+        text_prefix="model.language_model.",
+        # ``T = max(n, 8000) // 160`` frames, no window, no cap: short clips zero-padded to 0.5 s
+        processor_counts=(1, 1000, 7999, 8000, 8159, 16000, 16160, 80000, 320000, 480000, 1_000_000),
+        seconds_counts=((5, 65), (20, 260), (30, 390), (60, 780)),
+    ),
+    "qwen25omni": Arch(
+        builder="tiny_qwen25omni",
+        reference="ReferenceQwen25Omni",
+        model="Qwen2_5OmniForConditionalGeneration",
+        processor="Qwen2_5OmniProcessor",
+        audio_token="<|AUDIO|>",
+        clips=(5, 45),  # padded to 30 s; longer than 30 s, encoded whole (vLLM's truncation=False)
+        weight_prefixes=("thinker.audio_tower.", "thinker.visual.", "thinker.model.", "thinker.lm_head."),
+        probe=lambda tiny: tiny.prompt("What?"),
+        layout=_qwen25omni_layout,
+        template_shapes=(AUDIO, AUDIO_HF),  # the hub's layout (default system turn)
+        features=((1, 128, 4500), [4500]),  # 45 s whole, not cut to 3000 frames
+        # ((f - 1) // 2 + 1 - 2) // 2 + 1: conv2 (stride 2), then the stride-2 pool
+        token_counts=(
+            (500, 125), (1200, 300), (3000, 750), (4500, 1125), (100, 25), (7, 2), (4, 1), (3, 1), (2, 0), (1, 0),
+            (0, 0),
+        ),
+        lm_config=lambda cfg: cfg["thinker_config"],
+        audio_id_key="audio_token_index",
+        processor_audio_id=False,
+        # the top-level class's from_pretrained insists on a speaker file (spk_dict.pt); vLLM serves the thinker
+        reload_classes=("Qwen2_5OmniThinkerForConditionalGeneration",),
+        text_prefix="thinker.model.",
+        # vLLM passes truncation=False to every HF processor call; transformers' default
+        # (truncation=True) would cut a 45 s clip to 30 s (750 tokens instead of 1125)
+        hf_kwargs={"truncation": False, "return_tensors": "pt"},  # the Omni processors default to lists
+        mask_key="feature_attention_mask",
+        hf_audio_features=lambda model, inputs: model.get_audio_features(
+            inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"]
+        ).last_hidden_state,
+        # ceil(n / 160) frames up to 30 s (padded to 480000 samples), n // 160 beyond; no cap
+        processor_counts=(
+            1, 1000, 8000, 8159, 16000, 16160, 80000, 479_999, 480_000, 480_001, 480_159, 480_160, 720_000,
+            1_000_000,
+        ),
+        seconds_counts=((5, 125), (12, 300), (30, 750), (45, 1125), (60, 1500)),
+    ),
+    "qwen3omni": Arch(
+        builder="tiny_qwen3omni",
+        reference="ReferenceQwen3Omni",
+        model="Qwen3OmniMoeForConditionalGeneration",
+        processor="Qwen3OmniMoeProcessor",
+        audio_token="<|audio_pad|>",
+        clips=(5, 45),  # one attention window (104 rows); several, partial chunk count
+        weight_prefixes=("thinker.audio_tower.", "thinker.visual.", "thinker.model.", "thinker.lm_head."),
+        probe=lambda tiny: tiny.prompt("What?"),
+        layout=_qwen3omni_layout,
+        template_shapes=(AUDIO, AUDIO_HF),  # the hub's layout
+        features=((1, 128, 4500), [4500]),
+        # the same 13-per-100-frames count as Qwen3-ASR
+        token_counts=(
+            (100, 13), (200, 26), (50, 7), (1, 1), (0, 0), (99, 13), (101, 14), (500, 65), (1200, 156),
+            (2000, 260), (3000, 390), (4500, 585),
+        ),
+        lm_config=lambda cfg: cfg["thinker_config"],
+        processor_audio_id=False,
+        # the full model (tensors as saved) and the thinker the reference loads
+        reload_classes=("Qwen3OmniMoeForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration"),
+        qk_norm_scale=4.0,  # x4, not x8: see tiny_qwen3omni
+        text_prefix="thinker.model.",
+        # vLLM zero-pads each wave to a multiple of the hop (160) before the processor
+        # (whose mask would otherwise hold n // 160 frames, vLLM's count ceil(n / 160)),
+        # and passes truncation=False (the processor's default here too)
+        hf_kwargs={"truncation": False, "return_tensors": "pt"},  # the Omni processors default to lists
+        hf_pad=160,
+        mask_key="feature_attention_mask",
+        hf_audio_features=lambda model, inputs: model.get_audio_features(
+            inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"]
+        ).last_hidden_state,
+        # T = ceil(n / 160) frames (after the pre-padding), no window, no cap, no minimum; a
+        # clip padded to <= 200 samples fails in the extractor's reflect-padded STFT (vLLM's too)
+        processor_counts=(
+            161, 320, 321, 1000, 8000, 8159, 8160, 8161, 16000, 16160, 80000, 480_000, 720_000, 1_000_000,
+        ),
+        seconds_counts=((5, 65), (12, 156), (30, 390), (45, 585), (60, 780)),
     ),
 }
 
@@ -205,6 +373,14 @@ def prompt(tiny):
     return tiny.prompt("What does the speaker say?")
 
 
+def _hf_inputs(arch: Arch, ref, text: str, wave: np.ndarray):
+    """transformers' processor on one text and one 16 kHz wave, called the way vLLM calls
+    it (``arch.hf_kwargs``; the wave zero-padded to a multiple of ``arch.hf_pad`` samples)."""
+    if arch.hf_pad > 1:
+        wave = np.pad(wave, (0, -len(wave) % arch.hf_pad))
+    return ref.processor(text=[text], audio=[wave], **arch.hf_kwargs)
+
+
 def _max_diff(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a.logprobs, b.logprobs))
 
@@ -232,10 +408,13 @@ def test_checkpoint_layout(arch, tiny, ckpt_dir):
     proc = AutoProcessor.from_pretrained(str(ckpt_dir))
     assert type(proc).__name__ == arch.processor
     assert proc.audio_token == arch.audio_token
-    assert cfg["audio_token_id"] == proc.audio_token_id == proc.tokenizer.convert_tokens_to_ids(arch.audio_token)
+    audio_id = arch.lm_config(cfg)[arch.audio_id_key]
+    assert audio_id == proc.tokenizer.convert_tokens_to_ids(arch.audio_token)
+    if arch.processor_audio_id:
+        assert proc.audio_token_id == audio_id
     # the placeholder is one token in any prompt
     ids = proc.tokenizer(arch.probe(tiny), add_special_tokens=False)["input_ids"]
-    assert ids.count(cfg["audio_token_id"]) == 1
+    assert ids.count(audio_id) == 1
     with safe_open(str(ckpt_dir / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith(arch.weight_prefixes) for k in keys)
@@ -252,32 +431,43 @@ def test_checkpoint_layout(arch, tiny, ckpt_dir):
 def test_hf_reload_is_clean(arch, ckpt_dir):
     import transformers
 
-    model, info = getattr(transformers, arch.model).from_pretrained(str(ckpt_dir), output_loading_info=True)
-    assert not info["missing_keys"]
-    assert not info["unexpected_keys"]
-    assert not info.get("mismatched_keys")
+    for name in arch.reload_classes or (arch.model,):
+        model, info = getattr(transformers, name).from_pretrained(str(ckpt_dir), output_loading_info=True)
+        assert not info["missing_keys"], name
+        assert not info["unexpected_keys"], name
+        assert not info.get("mismatched_keys"), name
     if arch.tied:
         assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
 
 
-@archs("qwen3asr")
-def test_sharpened_qk_norms(ckpt_dir):
-    """Qwen3's q/k RMSNorm would undo a q_proj scale: the builder scales the norms."""
+@archs(where=lambda a: a.qk_norm_scale is not None)
+def test_sharpened_qk_norms(arch, ckpt_dir):
+    """Qwen3's q/k RMSNorm would undo a q_proj scale: the builder scales the norms
+    (Qwen3-ASR x8, Qwen3-Omni x4), in every text layer."""
+    import json
+
     from safetensors import safe_open
 
+    n_layers = arch.lm_config(json.loads((ckpt_dir / "config.json").read_text()))["text_config"]["num_hidden_layers"]
+    seen = 0
     with safe_open(str(ckpt_dir / "model.safetensors"), framework="pt") as f:
         for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
-            if k.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) and "language_model" in k:
-                assert torch.all(f.get_tensor(k) == 8.0), k
+            if k.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) and k.startswith(arch.text_prefix):
+                assert torch.all(f.get_tensor(k) == arch.qk_norm_scale), k
+                seen += 1
+    assert seen == 2 * n_layers
 
 
 # -- keep_ratio 1.0 is transformers' own model ------------------------------------------------
 @archs()
 @CLIP
-def test_keep1_equals_hf_generate(ref, clips, prompt, clip):
+def test_keep1_equals_hf_generate(arch, ref, clips, prompt, clip):
+    """The reference at keep_ratio 1.0 is the processor (called as vLLM calls it) plus
+    ``generate``; for the M-RoPE models ``generate`` computes its own positions
+    (``get_rope_index``), which must equal the reference's repeated 1-D positions."""
     wave, sr = clips[clip]
     out = ref.generate(prompt, [(wave, sr)], max_new_tokens=MAX_NEW)
-    inputs = ref.processor(text=[prompt], audio=[wave])
+    inputs = _hf_inputs(arch, ref, prompt, wave)
     n_in = inputs["input_ids"].shape[1]
     assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
     n_audio = int((inputs["input_ids"] == ref.audio_token_id).sum())
@@ -303,33 +493,36 @@ def test_token_counts(arch):
     assert [f(n) for n in frames] == list(tokens)
 
 
-@archs("qwen3asr")
-def test_num_audio_tokens_matches_processor(ref):
-    """``T = max(n, 8000) // 160`` frames, no window, no cap: equal to the processor's
-    placeholder count, short clips included (zero-padded to 0.5 s)."""
-    for n in (1, 1000, 7999, 8000, 8159, 16000, 16160, 80000, 320000, 480000, 1_000_000):
-        ids = ref.processor(text=[ref.processor.audio_token], audio=[np.zeros(n, dtype=np.float32)])["input_ids"]
+@archs(where=lambda a: bool(a.processor_counts))
+def test_num_audio_tokens_matches_processor(arch, ref):
+    """``num_audio_tokens`` equals the placeholder count of the processor called as vLLM
+    calls it (``_hf_inputs``), short and long clips included (the arch's comment says how
+    the frames are counted)."""
+    for n in arch.processor_counts:
+        ids = _hf_inputs(arch, ref, ref.processor.audio_token, np.zeros(n, dtype=np.float32))["input_ids"]
         assert int((ids == ref.audio_token_id).sum()) == ref.num_audio_tokens(n), n
-    assert [ref.num_audio_tokens(16000 * s) for s in (5, 20, 30, 60)] == [65, 260, 390, 780]
+    secs, tokens = zip(*arch.seconds_counts)
+    assert [ref.num_audio_tokens(16000 * s) for s in secs] == list(tokens)
 
 
 @archs()
 def test_embeddings_match_transformers(arch, ref, clips):
-    """The long clip's audio embeddings equal HF's ``get_audio_features``. Windowed
-    architectures: the windows' rows concatenated in time order, and audio beyond
-    ``max_audio_len`` is dropped as HF drops it."""
+    """The long clip's audio embeddings equal HF's ``get_audio_features`` on the
+    processor's features (the processor called as vLLM calls it: the Omni thinkers' 45 s
+    clip is featurised whole). Windowed architectures: the windows' rows concatenated in
+    time order, and audio beyond ``max_audio_len`` is dropped as HF drops it."""
     wave, sr = clips[1]
     if arch.window_rows is not None:
         per_window = ref.window_embeddings([(wave, sr)])[0]
         assert [w.shape[0] for w in per_window] == list(arch.window_rows)
     emb = ref.audio_embeddings([(wave, sr)])[0]
-    inputs = ref.processor(text=[ref.processor.audio_token], audio=[wave])
+    inputs = _hf_inputs(arch, ref, ref.processor.audio_token, wave)
     if arch.features is not None:
         shape, mask_sums = arch.features
         assert inputs["input_features"].shape == shape
-        assert inputs["input_features_mask"].sum(-1).tolist() == mask_sums
+        assert inputs[arch.mask_key].sum(-1).tolist() == mask_sums
     with torch.no_grad():
-        hf = ref.model.model.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output
+        hf = arch.hf_audio_features(ref.model, inputs)
     torch.testing.assert_close(emb, hf, atol=1e-6, rtol=0)
     assert emb.shape[0] == ref.num_audio_tokens(len(wave))
     if arch.cap_rows_per_window is not None:
