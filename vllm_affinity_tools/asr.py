@@ -147,3 +147,92 @@ def corpus(out_dir: str | Path, n: int = 40) -> list[Clip]:
         info = sf.info(path)
         clips.append(Clip(path, " ".join(sentences), voice, speed, info.frames / info.samplerate))
     return clips
+
+
+# -- human speech: the pocketsphinx test recordings -------------------------------------
+# Debian package ``pocketsphinx-testdata`` (BSD-2; ``scripts/setup_env.sh`` installs it):
+# real recorded English, 16 kHz mono wav, transcripts in Sphinx format, one utterance a
+# line: ``<s> words </s> (utterance id)``, utterance ids listed in a ``fileids`` file.
+#   librivox/: 5 utterances (3-7 s) of Sense and Sensibility ch. 1 (LibriVox reading)
+#   cards/: 5 short spoken commands (1-3.5 s), "ten of clubs", ...
+POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
+POCKETSPHINX_HINT = "apt-get install pocketsphinx-testdata  (scripts/setup_env.sh installs it)"
+# (directory, fileids file, transcription file)
+HUMAN_SETS = (
+    ("librivox", "fileids", "transcription"),
+    ("cards", "cards.fileids", "cards.transcription"),
+)
+# Known transcript errors: (directory, utterance id) -> (text in the package, corrected text).
+# librivox 0920: the package has "had he married a more a amiable woman", a doubled "a"
+# (a typo: Austen wrote "Had he married a more amiable woman, he might have been made
+# still more respectable than he was", and the reader says just that); left in, it would
+# count as a deletion error against every correct transcript.
+HUMAN_FIXES = {
+    ("librivox", "sense_and_sensibility_01_austen_64kb-0920"): ("a more a amiable", "a more amiable"),
+}
+_SPHINX_LINE = re.compile(r"^\s*(?:<s>)?\s*(.*?)\s*(?:</s>)?\s*\(([^()\s]+)\)\s*$")
+
+
+def _sphinx_transcripts(path: Path) -> dict[str, str]:
+    out = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _SPHINX_LINE.match(line)
+        if not m:
+            raise ValueError(f"{path}:{n}: not a Sphinx transcript line: {line!r}")
+        out[m.group(2)] = " ".join(m.group(1).split())
+    return out
+
+
+def human_corpus(out_dir: str | Path | None = None, root: str | Path = POCKETSPHINX_DATA) -> list[Clip]:
+    """The 10 human recordings of ``pocketsphinx-testdata`` (5 LibriVox, 5 card commands)
+    as :class:`Clip` (``voice="human:<dir>/<utterance id>"``, ``speed=0``), transcripts from
+    the package's files with :data:`HUMAN_FIXES` applied.
+
+    The package's files are used as they are when they are 16 kHz mono wav (they are);
+    anything else is resampled (soxr) to 16 kHz mono wav under ``out_dir`` (default
+    ``<repo>/.cache/human-clips``). Raises FileNotFoundError if the package is missing."""
+    import numpy as np
+    import soundfile as sf
+
+    root = Path(root)
+    out_dir = Path(out_dir) if out_dir is not None else Path(__file__).resolve().parents[1] / ".cache" / "human-clips"
+    clips = []
+    fixes = dict(HUMAN_FIXES)
+    for sub, fileids, transcription in HUMAN_SETS:
+        d = root / sub
+        if not (d / fileids).is_file() or not (d / transcription).is_file():
+            raise FileNotFoundError(f"{d / fileids} / {transcription} not found: {POCKETSPHINX_HINT}")
+        texts = _sphinx_transcripts(d / transcription)
+        ids = [line.strip() for line in (d / fileids).read_text(encoding="utf-8").splitlines() if line.strip()]
+        for uid in ids:
+            if uid not in texts:
+                raise ValueError(f"{d / transcription} has no transcript for {uid}")
+            text = texts[uid]
+            if (sub, uid) in fixes:
+                wrong, right = fixes.pop((sub, uid))
+                if wrong not in text:
+                    raise ValueError(f"{sub}/{uid}: HUMAN_FIXES expects {wrong!r} in {text!r} (package changed?)")
+                text = text.replace(wrong, right)
+            src = d / f"{uid}.wav"
+            if not src.is_file():
+                raise FileNotFoundError(f"{src} not found: {POCKETSPHINX_HINT}")
+            info = sf.info(src)
+            path = src
+            if (info.format, info.samplerate, info.channels) != ("WAV", 16000, 1):
+                import soxr
+
+                path = out_dir / f"{sub}-{uid}.wav"
+                if not path.exists():
+                    wave, sr = sf.read(src, dtype="float32", always_2d=True)
+                    wave = soxr.resample(wave.mean(axis=1), sr, 16000).astype(np.float32)
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp.wav")
+                    sf.write(tmp, wave, 16000, subtype="PCM_16")
+                    tmp.replace(path)
+                info = sf.info(path)
+            clips.append(Clip(path, text, f"human:{sub}/{uid}", 0, info.frames / info.samplerate))
+    if fixes:
+        raise ValueError(f"HUMAN_FIXES for utterances the package does not list: {sorted(fixes)}")
+    return clips

