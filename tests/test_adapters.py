@@ -136,8 +136,13 @@ def runs(model, clips3, prompt, tmp_path_factory, arch):
                                        env={"VLLM_PLUGINS": "", **dict(arch.stock_env)}),
         "off": run_engine_subprocess(_job(model, prompt, plain + per_ratio, "off"),
                                      tmp_path_factory.mktemp(f"{arch.builder}-off")),
-        "deep": run_engine_subprocess(_job(model, prompt, plain, DEEP_SPEC),
-                                      tmp_path_factory.mktemp(f"{arch.builder}-deep")),
+        # the deep engine also runs the KV probe (test_deep_kv_blocks_equal_the_plan): block size
+        # 32, chunked prefill, the 45 s clip behind a long text prefix
+        "deep": run_engine_subprocess(
+            {**_job(model, prompt, plain, DEEP_SPEC), "also": ["kv_probe"],
+             "long_prompt": prompt.replace(arch.audio_tag, "hello " * 300 + arch.audio_tag),
+             "audio": str(clips3[2]), "engine_kw_extra": {"block_size": BLOCK, "enable_chunked_prefill": True}},
+            tmp_path_factory.mktemp(f"{arch.builder}-deep")),
     }
 
 
@@ -217,12 +222,8 @@ def test_wrong_pooling_is_rejected(runs, clips3, hf_ref, prompt, variant, arch):
     assert max(p.max_logprob_diff for p in diffs) > 10 * arch.logprob_tol
 
 
-def test_deep_kv_blocks_equal_the_plan(model, clips3, prompt, tmp_path, arch):
-    long_prompt = prompt.replace(arch.audio_tag, "hello " * 300 + arch.audio_tag)
-    job = {"model": str(model), "hf_overrides": {"affinity": DEEP_SPEC}, "prompt": prompt,
-           "long_prompt": long_prompt, "audio": str(clips3[2]), "max_tokens": 4, "engine_kw": ENGINE_KW,
-           "engine_kw_extra": {"block_size": BLOCK, "enable_chunked_prefill": True}, "out": str(tmp_path / "o.json")}
-    kv = run_engine_subprocess({**job, "task": "kv_probe"}, tmp_path)
+def test_deep_kv_blocks_equal_the_plan(runs, arch):
+    kv = runs["deep"]["kv_probe"]
     assert kv["groups"] == ["FullAttentionSpec", "AffinityDeepAttentionSpec"]
     (offset, k_in), = kv["audio_ranges"]
     assert k_in == P.num_kept(arch.tokens_45s, 0.74)  # 45 s: two windows before pooling
@@ -234,17 +235,6 @@ def test_deep_kv_blocks_equal_the_plan(model, clips3, prompt, tmp_path, arch):
     assert kv["free_after_finish"] == kv["free_initial"] == kv["free_after_cancel"]
     print(f"\n{arch.name} 45 s clip, {n} tokens computed: blocks per group {kv['blocks']} (block {BLOCK}); "
           f"stock would hold {math.ceil((n + arch.tokens_45s - k_in) / BLOCK)} in every layer")
-
-
-def test_small_step_budget_still_answers_long_audio(model, clips3, prompt, tmp_path, arch):
-    """Deep stage, max_num_batched_tokens=256 and a 45 s clip (more placeholders than the
-    budget, never split): the config hook raises the budget to the longest audio, the
-    request is answered."""
-    job = _job(model, prompt, [{"audios": [str(clips3[2])]}], "paper-aggressive")
-    job["engine_kw_extra"] = {"max_num_batched_tokens": 256}
-    out = run_engine_subprocess(job, tmp_path)
-    assert len(out["results"][0]["token_ids"]) == MAX_NEW
-    assert f"max_num_batched_tokens 256 -> {arch.step_budget}" in out["log"]
 
 
 def _metric(text: str, name: str) -> float:
@@ -270,7 +260,10 @@ def test_vllm_serve_answers_an_audio_chat_with_the_saving(model, clips3, hf_ref,
     messages = [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip.read_bytes()).decode(), "format": "wav"}},
         {"type": "text", "text": "What does the speaker say?"}]}]
-    with ServerProcess(model, ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS],
+    # a step budget of 256 (below the longest audio's placeholders, which are never split): the
+    # config hook raises it to the longest audio the server accepts, and a 45 s clip is answered
+    with ServerProcess(model, ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS,
+                               "--max-num-batched-tokens", "256"],
                        log_path=tmp_path / "server.log", served_model_name="af3",
                        env={"VLLM_LOGGING_LEVEL": "DEBUG"}) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=120)
@@ -281,6 +274,11 @@ def test_vllm_serve_answers_an_audio_chat_with_the_saving(model, clips3, hf_ref,
             with pytest.raises(openai.BadRequestError, match="use_audio_in_video"):
                 client.chat.completions.create(model="af3", messages=messages, max_tokens=4, temperature=0,
                                                extra_body={"mm_processor_kwargs": {"use_audio_in_video": True}})
+        long_clip = [{"role": "user", "content": [
+            {"type": "input_audio",
+             "input_audio": {"data": base64.b64encode(clips3[2].read_bytes()).decode(), "format": "wav"}},
+            {"type": "text", "text": "What does the speaker say?"}]}]
+        long = client.chat.completions.create(model="af3", messages=long_clip, max_tokens=4, temperature=0)
         metrics = requests.get(srv.base_url.removesuffix("/v1") + "/metrics", timeout=30).text
         if arch.transcription:
             with clip.open("rb") as f:
@@ -291,10 +289,13 @@ def test_vllm_serve_answers_an_audio_chat_with_the_saving(model, clips3, hf_ref,
     assert pooled.choices[0].finish_reason == "length"
     assert f"vllm-affinity: audio tokens [{n}] -> [{k_in}] (keep_ratio=0.7432)" in log
     assert f"vllm-affinity: {arch.name} with Affinity Pooling, input stage: keep_ratio=0.7432" in log
-    # /metrics: both chat requests (pooled, then keep 1.0), counted once each
-    assert _metric(metrics, "vllm_affinity:requests_total") == 2
-    assert _metric(metrics, "vllm_affinity:audio_tokens_in_total") == 2 * n
-    assert _metric(metrics, "vllm_affinity:audio_tokens_after_input_total") == k_in + n
+    assert f"max_num_batched_tokens 256 -> {arch.step_budget}" in log
+    assert long.choices[0].finish_reason == "length"
+    # /metrics: the three chat requests (pooled, keep 1.0, the 45 s clip), counted once each
+    n45 = arch.tokens_45s
+    assert _metric(metrics, "vllm_affinity:requests_total") == 3
+    assert _metric(metrics, "vllm_affinity:audio_tokens_in_total") == 2 * n + n45
+    assert _metric(metrics, "vllm_affinity:audio_tokens_after_input_total") == k_in + n + P.num_kept(n45, 0.7432)
     if arch.transcription:  # the transcription request: the server's ratio, same audio
         assert log.count(f"vllm-affinity: audio tokens [{n}] -> [{k_in}] (keep_ratio=0.7432)") == 2
     assert "Traceback" not in log

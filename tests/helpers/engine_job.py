@@ -5,7 +5,8 @@ task on it, writing JSON to ``job["out"]``.
     python tests/helpers/engine_job.py JOB.json
 
 Every JOB has "model", "engine_kw", "engine_kw_extra" (optional), "hf_overrides"
-(optional), "out" and "task":
+(optional), "out", "task" and optionally "also" (more tasks run on the same engine after
+it; their outputs go under their names, e.g. ``out["kv_probe"]``):
 
 * ``generate`` (default): prompt ids, tokens and logprobs of a batch of requests.
   JOB: {"model", "hf_overrides" (optional), "engine_kw", "engine_kw_extra" (optional),
@@ -248,6 +249,9 @@ TASKS = {"generate": generate, "kv_probe": kv_probe, "whisper": whisper}
 def main() -> None:
     job, llm = load_job_and_engine(sys.argv[1])
     result = TASKS[job.get("task", "generate")](job, llm)
+    # "also": further tasks on the same engine (one engine start), results under their names
+    for task in job.get("also", []):
+        result[task] = TASKS[task](job, llm)
     json.dump(result, open(job["out"], "w"))
 
 
