@@ -94,6 +94,21 @@ def build_tokenizer(
     return fast
 
 
+
+def build_tokenizer_with_roles(vocab_size: int, *, special_tokens, chat_template: str, eos_token: str,
+                               roles: dict[str, str]):
+    """:func:`build_tokenizer`, reloaded with ``roles`` (e.g. ``{"audio_token": "<|AUDIO|>"}``)
+    registered as ``extra_special_tokens``: the named attributes transformers' processors read
+    (Qwen3-ASR, the Omni thinkers)."""
+    import tempfile
+
+    from transformers import PreTrainedTokenizerFast
+
+    tok = build_tokenizer(vocab_size, special_tokens=special_tokens, chat_template=chat_template, eos_token=eos_token)
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        return PreTrainedTokenizerFast.from_pretrained(d, extra_special_tokens=roles)
+
 def _hub_name(name: str) -> str:
     """Map transformers-5 parameter names to the hub layout that vLLM loads."""
     for old, new in (

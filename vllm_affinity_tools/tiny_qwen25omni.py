@@ -43,12 +43,11 @@ the text layers' q/k projections (Qwen2 has no q/k norm), :func:`~.tiny.sharpen_
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 from . import tiny
-from .tiny import build_tokenizer, sharpen_and_save
+from .tiny import sharpen_and_save
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BEGIN, AUDIO_END = "<|audio_bos|>", "<|audio_eos|>"
@@ -165,23 +164,18 @@ def token2wav_config() -> dict:
 
 
 def _tokenizer(vocab_size: int):
-    from transformers import PreTrainedTokenizerFast
-
-    tok = build_tokenizer(vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, eos_token=EOS_TOKEN)
-    with tempfile.TemporaryDirectory() as d:
-        tok.save_pretrained(d)
-        return PreTrainedTokenizerFast.from_pretrained(
-            d,
-            extra_special_tokens={
-                "audio_token": AUDIO_TOKEN,
-                "audio_bos_token": AUDIO_BEGIN,
-                "audio_eos_token": AUDIO_END,
-                "image_token": IMAGE_TOKEN,
-                "video_token": VIDEO_TOKEN,
-                "vision_bos_token": VISION_BEGIN,
-                "vision_eos_token": VISION_END,
-            },
-        )
+    return tiny.build_tokenizer_with_roles(
+        vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, eos_token=EOS_TOKEN,
+        roles={
+            "audio_token": AUDIO_TOKEN,
+            "audio_bos_token": AUDIO_BEGIN,
+            "audio_eos_token": AUDIO_END,
+            "image_token": IMAGE_TOKEN,
+            "video_token": VIDEO_TOKEN,
+            "vision_bos_token": VISION_BEGIN,
+            "vision_eos_token": VISION_END,
+        },
+    )
 
 
 def _processor(tokenizer):
