@@ -428,3 +428,102 @@ def test_reference_batch_equals_single(reference, frames):
               for s in states]
     assert batch[0].kept != batch[1].kept  # ragged: padding is masked
     assert batch == single
+
+
+# -- size-weighted cross-attention (input.size_weighted) ------------------------------------
+SW_SPEC = {"input": {"keep_ratio": 0.5, "size_weighted": True}}
+SW_RATIOS = (0.5, 0.25)
+
+
+@pytest.fixture(scope="module")
+def sw_run(whisper_dir, clips, tmp_path_factory):
+    """Plugin, affinity pooling with size-weighted cross-attention (SPEC 0.5, override 0.25)."""
+    reqs, keys = [], []
+    for r in SW_RATIOS:
+        for i in PARITY_CLIPS:
+            reqs.append(_req(clips, i, None if r == 0.5 else r))
+            keys.append((i, r))
+    job = {"model": str(whisper_dir), "hf_overrides": {"affinity": SW_SPEC}, "batches": [reqs],
+           "trace_groups": True, "kv_probe": [None, 0.25], "audio_for_probe": str(clips[0])}
+    out = run_job(job, tmp_path_factory.mktemp("sw"))
+    out["by_key"] = _by_key(out["batches"], keys)
+    return out
+
+
+def _sw_groups(run, reference, frames, clip, ratio):
+    """vLLM's groups for this clip (equal to the reference's up to near-tie cuts)."""
+    k = P.num_kept(FRAMES, ratio)
+    got = vllm_groups(run, frames[clip], k)
+    ref_sizes = P.group_sizes(frames[clip], k, "affinity", 1)
+    return got, tie_flips(frames[clip], k, ref_sizes, got)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("ratio", SW_RATIOS)
+def test_size_weighted_matches_reference(ratio, sw_run, reference, frames):
+    """vLLM's padded-head cross-attention = the reference's softmax(qk/sqrt(d) + log size),
+    same groups (up to near-ties), same tokens, logprobs within 1e-3."""
+    msgs = []
+    for clip in PARITY_CLIPS:
+        res = sw_run["by_key"][(clip, ratio)]
+        got, flips = _sw_groups(sw_run, reference, frames, clip, ratio)
+        assert res["encoder_lens"] == [P.num_kept(FRAMES, ratio)]
+        ref = reference.generate(frames[clip], sizes=got, proportional=True, max_new_tokens=MAX_NEW)
+        ok, msg = parity(res, ref)
+        msgs.append(f"size-weighted keep_ratio={ratio} clip {clip} ({flips} near-tie cut(s)): {msg}")
+        assert ok, msgs[-1]
+    print("\n".join(msgs))
+
+
+def _sw_wrong(sizes: torch.Tensor) -> dict:
+    """Deliberately wrong biases: none (plain attention), sizes of the groups in reverse
+    order, twice the log size, log(size + 1)."""
+    return {"plain": None, "reversed-sizes": sizes.flip(0), "2x-log": sizes.double() ** 2,
+            "log(size+1)": sizes + 1}
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("clip", (1, 3))
+def test_size_weighted_wrong_biases_rejected(clip, sw_run, reference, frames):
+    """The same comparison rejects every wrong bias within 8 steps."""
+    ratio = 0.25
+    res = sw_run["by_key"][(clip, ratio)]
+    got, _ = _sw_groups(sw_run, reference, frames, clip, ratio)
+    diffs = {}
+    for name, bias in _sw_wrong(got).items():
+        wrong = reference.generate(frames[clip], sizes=got, proportional=bias is not None, bias_sizes=bias,
+                                   max_new_tokens=WRONG_STEPS)
+        diffs[name] = max_logprob_diff(res, wrong, steps=WRONG_STEPS)
+    print(f"clip {clip} keep_ratio {ratio}:", {k: f"{v:.2e}" for k, v in diffs.items()})
+    for name, d in diffs.items():
+        assert d > LOGPROB_TOL, f"cannot tell the {name!r} bias apart: {d:.2e}"
+
+
+@pytest.mark.engine
+def test_size_weighted_kv_cost(sw_run, affinity_run):
+    """The cross-attention KV cache has the padded head size (CPU: 64 -> 80): the same
+    blocks per request as plain pooling, each 80/64 as many bytes. The self-attention
+    pages are padded to the same page size (vLLM unifies page sizes across groups)."""
+    assert sw_run["managers"] == ["FullAttentionManager", "CrossAttentionManager"]
+    assert affinity_run["head_sizes"] == [64, 64] and sw_run["head_sizes"] == [64, 80]
+    plain_page, sw_page = affinity_run["page_bytes"][1], sw_run["page_bytes"][1]
+    assert sw_page * 64 == plain_page * 80
+    assert sw_run["page_bytes"][0] == sw_page  # the self-attention page, padded
+    by_ratio = {p["ratio"]: p["blocks"] for p in affinity_run["kv"]}
+    for p in sw_run["kv"]:
+        ratio = p["ratio"] or 0.5
+        assert p["blocks"] == by_ratio[ratio], (ratio, p["blocks"], by_ratio[ratio])
+    stock_bytes = by_ratio[None][1] * plain_page
+    for p in sw_run["kv"]:
+        share = p["blocks"][1] * sw_page / stock_bytes
+        print(f"keep_ratio {p['ratio'] or 0.5}: cross-attention KV {share:.3f} of stock bytes per layer")
+
+
+def test_size_weighted_refused_where_not_implemented():
+    from vllm_affinity.architectures import facts_for
+    from vllm_affinity.config import AffinityConfigError, load_spec
+
+    cfg = load_spec(SW_SPEC)
+    assert facts_for("WhisperForConditionalGeneration").validate(cfg) is cfg
+    with pytest.raises(AffinityConfigError, match=r"input\.size_weighted is not implemented for Qwen2-Audio"):
+        facts_for("Qwen2AudioForConditionalGeneration").validate(cfg)

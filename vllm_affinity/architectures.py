@@ -37,6 +37,8 @@ class ArchFacts:
     deep_stage: bool  # a decoder-only LM whose sequence holds the audio positions
     positions: Positions
     long_audio: LongAudio
+    #: where the input stage's size-weighted attention is implemented ("" : nowhere yet)
+    size_weighted_in: str = ""
 
     def validate(self, cfg: AffinityConfig) -> AffinityConfig:
         """The server SPEC, checked against what this architecture allows."""
@@ -47,6 +49,12 @@ class ArchFacts:
                 f"sequence, and {self.name}'s decoder has none (it reads the audio through "
                 "cross-attention). Use the input stage alone, e.g. the preset 'input-only' or "
                 '{"input": {"keep_ratio": 0.74}}'
+            )
+        if cfg.input is not None and cfg.input.size_weighted and not self.size_weighted_in:
+            raise AffinityConfigError(
+                f"invalid vllm-affinity config: hf_overrides.{HF_CONFIG_KEY}.input.size_weighted is not "
+                f"implemented for {self.name} (only where the merged rows are read by an attention "
+                "the plugin owns: Whisper's cross-attention). Remove it, or set it to false"
             )
         return cfg
 
@@ -116,6 +124,7 @@ ARCHITECTURES: dict[str, ArchFacts] = {
             "WhisperForConditionalGeneration",
             "vllm_affinity.adapters.whisper:AffinityWhisperForConditionalGeneration",
             "Whisper", 30, 1500, deep_stage=False, positions="learned", long_audio="truncate",
+            size_weighted_in="the decoder's cross-attention",
         ),
     )
 }

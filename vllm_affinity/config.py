@@ -50,6 +50,11 @@ class InputStage(_Strict):
     method: Literal["affinity", "uniform"] = Field(
         "affinity", description="how groups are chosen: by affinity, or equal-size bins"
     )
+    size_weighted: bool = Field(
+        False, description="attention that reads the merged rows weighs each by its group size: "
+        "softmax(q.k/sqrt(d) + log size), exactly, via one extra head dimension padded to a head "
+        "size the attention backend supports (more KV bytes per kept row; Whisper's cross-attention)"
+    )
 
     @field_validator("keep_ratio", mode="before")
     @classmethod
@@ -155,6 +160,7 @@ class AffinityConfig(_Strict):
         parts.append(
             "input stage off" if s is None
             else f"input stage: keep_ratio={s.keep_ratio}, window={s.window}, method={s.method}"
+            + (", size-weighted attention" if s.size_weighted else "")
         )
         if self.encoder_real_length and real_length:
             parts.append("encoder on the real audio length")

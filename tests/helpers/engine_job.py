@@ -227,8 +227,13 @@ def whisper(job, llm) -> dict:
         while engine.has_unfinished_requests():
             engine.step()
     result["managers"] = [type(m).__name__ for m in managers]
-    result["specs"] = [type(g.kv_cache_spec).__name__ for g in kvm.kv_cache_config.kv_cache_groups]
-    result["block_size"] = kvm.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    groups = kvm.kv_cache_config.kv_cache_groups
+    result["specs"] = [type(g.kv_cache_spec).__name__ for g in groups]
+    result["block_size"] = groups[0].kv_cache_spec.block_size
+    # per group: head size, bytes of one block of one layer (padding included), layers
+    result["head_sizes"] = [g.kv_cache_spec.head_size for g in groups]
+    result["page_bytes"] = [g.kv_cache_spec.page_size_bytes for g in groups]
+    result["group_layers"] = [len(g.layer_names) for g in groups]
     result["free_blocks_end"] = kvm.block_pool.get_num_free_blocks()
 
     result["errors"] = []

@@ -376,11 +376,12 @@ class AffinityProcessorMixin:
 
 
 # -- worker side ----------------------------------------------------------------------------------
-def pool_to_counts(embeds: Sequence[torch.Tensor], kept, cfg: AffinityConfig) -> tuple:
+def pool_to_counts(embeds: Sequence[torch.Tensor], kept, cfg: AffinityConfig, *, with_sizes: bool = False) -> tuple:
     """Merge embedding i (n_i, d) into exactly kept[i] rows (the input stage's grouping).
 
     ``kept`` comes from the processor; with the input stage off (per-request ratios
-    only) the grouping is affinity with window 1."""
+    only) the grouping is affinity with window 1. ``with_sizes``: (rows, group sizes) per
+    audio (size-weighted attention needs them)."""
     kept = [int(x) for x in (kept.tolist() if isinstance(kept, torch.Tensor) else kept)]
     if len(kept) != len(embeds):
         raise RuntimeError(f"vllm-affinity: {len(kept)} kept counts for {len(embeds)} audios")
@@ -393,7 +394,7 @@ def pool_to_counts(embeds: Sequence[torch.Tensor], kept, cfg: AffinityConfig) ->
             raise RuntimeError(f"vllm-affinity: {k} placeholders planned for an audio of {e.shape[0]} embeddings")
         sizes = pooling.group_sizes(e, k, method, window)
         trace_merge("input", sizes)
-        out.append(pooling.merge(e, sizes))
+        out.append((pooling.merge(e, sizes), sizes) if with_sizes else pooling.merge(e, sizes))
     return tuple(out)
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 
 from vllm.model_executor.models.whisper import (
+    WhisperCrossAttention,
     WhisperDummyInputsBuilder,
     WhisperForConditionalGeneration,
     WhisperMultiModalProcessor,
@@ -46,14 +47,17 @@ from vllm.model_executor.models.whisper import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .. import accounting, pooling
+from .. import size_weighted as sw
 from ..config import REQUEST_KEEP_RATIO_KEY, AffinityConfig
 from ..architectures import facts_for
 from .base import (
+    NUM_KEPT_FIELD,
     AffinityDummyInputsMixin,
     AffinityInfoMixin,
     AffinityModelMixin,
     AffinityProcessorMixin,
     UNCOUNTED_MARK,
+    pool_to_counts,
     validated_config,
 )
 
@@ -89,6 +93,8 @@ def describe(cfg: AffinityConfig, frames: int) -> str:
             f"(keep_ratio={s.keep_ratio}, window={s.window}, method={s.method}), mean-pooled "
             "before the decoder's cross-attention, whose KV cache shrinks alike"
         )
+        if s.size_weighted:
+            what += "; size-weighted cross-attention (softmax(q.k/sqrt(d) + log group size))"
     if cfg.allow_request_override:
         what += (
             f"; requests may set mm_processor_kwargs.{REQUEST_KEEP_RATIO_KEY} in "
@@ -142,6 +148,61 @@ class AffinityWhisperMultiModalProcessor(AffinityProcessorMixin, WhisperMultiMod
         return super()._call_hf_processor(hf_data, hf_kwargs)
 
 
+class SizeWeightedCrossAttention(WhisperCrossAttention):
+    """Whisper's cross-attention over merged encoder rows, each weighted by its group size.
+
+    The encoder states arrive with one more column, log(group size)
+    (:func:`vllm_affinity.size_weighted.with_log_sizes`); queries, keys and values get one
+    more head dimension carrying it, zero-padded to ``padded_head_size`` (one the attention
+    backend supports), and the output is sliced back. The layer's KV cache holds the padded
+    keys, so decode steps see the same bias. Built by :func:`install_size_weighted`.
+    """
+
+    padded_head_size: int
+
+    def forward(self, hidden_states, encoder_hidden_states):  # type: ignore[override]
+        q, _ = self.q_proj(hidden_states)
+        k = v = log_sizes = None
+        if encoder_hidden_states is not None:  # prefill: the encoder rows of this step
+            rows, log_sizes = sw.split_log_sizes(encoder_hidden_states)
+            kv, _ = self.kv_proj(rows)
+            k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
+        q, k, v = sw.augment(q, k, v, log_sizes, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                             head_dim=self.head_dim, padded=self.padded_head_size, scale=self.scaling)
+        out = sw.unpad_heads(self.attn(q, k, v), self.num_heads, self.head_dim, self.padded_head_size)
+        output, _ = self.out_proj(out)
+        return output
+
+
+def install_size_weighted(decoder_layers, vllm_config) -> int:
+    """Swap every decoder layer's cross-attention for :class:`SizeWeightedCrossAttention`
+    with a padded-head ``CrossAttention`` of the same layer name (so the KV-cache spec,
+    hence vLLM's allocation, has the padded head size). Returns the padded head size."""
+    from vllm.model_executor.layers.attention.cross_attention import CrossAttention
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.selector import get_attn_backend
+
+    context = vllm_config.compilation_config.static_forward_context
+    cache_config = vllm_config.cache_config
+    padded = 0
+    for layer in decoder_layers:
+        xattn = layer.encoder_attn
+        old = xattn.attn
+        backend = get_attn_backend(xattn.head_dim, vllm_config.model_config.dtype, cache_config.cache_dtype,
+                                   attn_type=AttentionType.ENCODER_DECODER)
+        padded = sw.padded_head_size(xattn.head_dim, backend.supports_head_size)
+        # the new layer registers itself under the same name: the old one leaves first
+        del context[old.layer_name]
+        xattn.attn = CrossAttention(
+            xattn.num_heads, padded, xattn.scaling, num_kv_heads=xattn.num_kv_heads,
+            cache_config=cache_config, quant_config=vllm_config.quant_config, prefix=old.layer_name,
+            attn_type=AttentionType.ENCODER_DECODER,
+        )
+        xattn.__class__ = SizeWeightedCrossAttention
+        xattn.padded_head_size = padded
+    return padded
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     AffinityWhisperMultiModalProcessor,
     info=AffinityWhisperProcessingInfo,
@@ -151,6 +212,30 @@ class AffinityWhisperForConditionalGeneration(AffinityModelMixin, WhisperForCond
     """Stock Whisper whose encoder output is pooled to the processor's count."""
 
     ARCH = ARCH
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        stage = self.affinity.input
+        self.size_weighted = bool(stage is not None and stage.size_weighted)
+        if self.size_weighted:
+            layers = self.model.decoder.layers
+            head_dim = layers[0].encoder_attn.head_dim
+            padded = install_size_weighted(layers, vllm_config)
+            logger.info(
+                "vllm-affinity: size-weighted cross-attention in %d decoder layers: head size %d -> %d "
+                "(1 bias dimension + %d padding), %.3gx cross-attention KV bytes per kept frame",
+                len(layers), head_dim, padded, padded - head_dim - 1, padded / head_dim)
+
+    def embed_multimodal(self, **kwargs: object):
+        if not self.size_weighted:
+            return super().embed_multimodal(**kwargs)
+        # every encoder output carries its rows' log group sizes (0: unmerged) in one more column
+        kept = kwargs.pop(NUM_KEPT_FIELD, None)
+        embeds = self.stock_embeddings(**kwargs)
+        if kept is None:
+            return tuple(sw.with_log_sizes(e, None) for e in embeds)
+        return tuple(sw.with_log_sizes(rows, sizes)
+                     for rows, sizes in pool_to_counts(embeds, kept, self.affinity, with_sizes=True))
 
     # -- /v1/audio/transcriptions on English-only checkpoints (tiny.en, base.en, ...) ----------
     # Stock vLLM 0.32 builds every Whisper prompt as <|startoftranscript|><|lang|><|task|>

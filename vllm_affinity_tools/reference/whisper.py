@@ -229,24 +229,31 @@ class ReferenceWhisper:
         tau: float | None = None,
         proportional: bool = False,
         pool_fn: PoolFn | None = None,
+        sizes: torch.Tensor | None = None,
+        bias_sizes: torch.Tensor | None = None,
         prompt: str | Sequence[int] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         ignore_eos: bool = False,
     ) -> ReferenceWhisperOutput:
         """One audio (or its encoder frames ``(1500, d)``) -> greedy transcript with logprobs.
 
-        ``pool_fn`` replaces the grouping (tests: deliberately wrong poolings)."""
+        ``pool_fn`` replaces the grouping (tests: deliberately wrong poolings); ``sizes``
+        pools with exactly these group sizes; ``bias_sizes`` (with ``proportional``) are
+        the sizes whose logs bias the cross-attention, if not the pooling's own (tests:
+        deliberately wrong biases)."""
         states = self._states(audio)
-        sizes = None
-        if pool_fn is not None:
+        if sizes is not None:
+            memory = pooling.merge(states, sizes)
+        elif pool_fn is not None:
             memory = pool_fn(states)
         elif tau is None and pooling.num_kept(states.shape[0], keep_ratio) == states.shape[0]:
             memory = states
         else:
             memory, sizes = pool_frames(states, keep_ratio, method, window, tau)
         bias = None
-        if proportional and sizes is not None:
-            bias = sizes.to(memory.dtype).log().view(1, 1, 1, -1)
+        weights = bias_sizes if bias_sizes is not None else sizes
+        if proportional and weights is not None:
+            bias = weights.to(memory.dtype).log().view(1, 1, 1, -1)
         prompt_ids = _prompt_ids(self.processor, prompt)
         toks, lps = greedy_decode(
             self.model, memory[None], prompt_ids, max_new_tokens, bias=bias, ignore_eos=ignore_eos
