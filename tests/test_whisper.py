@@ -430,14 +430,17 @@ def test_reference_batch_equals_single(reference, frames):
     assert batch == single
 
 
-# -- size-weighted cross-attention (input.size_weighted) ------------------------------------
-SW_SPEC = {"input": {"keep_ratio": 0.5, "size_weighted": True}}
+# -- size-weighted cross-attention (input.size_weighted) and the voiced budget -------------
+# One engine for both (each is independent of the other: the budget sets K in the processor,
+# size weighting is in the decoder's cross-attention).
+SW_SPEC = {"input": {"keep_ratio": 0.5, "size_weighted": True, "budget": "voiced"}}
 SW_RATIOS = (0.5, 0.25)
 
 
 @pytest.fixture(scope="module")
 def sw_run(whisper_dir, clips, tmp_path_factory):
-    """Plugin, affinity pooling with size-weighted cross-attention (SPEC 0.5, override 0.25)."""
+    """Plugin, affinity pooling with size-weighted cross-attention and the voiced budget
+    (SPEC 0.5, override 0.25)."""
     reqs, keys = [], []
     for r in SW_RATIOS:
         for i in PARITY_CLIPS:
@@ -450,33 +453,52 @@ def sw_run(whisper_dir, clips, tmp_path_factory):
     return out
 
 
-def _sw_groups(run, reference, frames, clip, ratio):
+def _voiced_k(clips, clip, ratio) -> int:
+    from vllm_affinity import budget
+
+    wave, sr = load_audio(clips[clip])
+    assert sr == 16000
+    return budget.kept_count(FRAMES, ratio, policy="voiced", wave=wave, samples_per_token=320)
+
+
+def _sw_groups(run, frames, clip, k):
     """vLLM's groups for this clip (equal to the reference's up to near-tie cuts)."""
-    k = P.num_kept(FRAMES, ratio)
     got = vllm_groups(run, frames[clip], k)
-    ref_sizes = P.group_sizes(frames[clip], k, "affinity", 1)
-    return got, tie_flips(frames[clip], k, ref_sizes, got)
+    return got, tie_flips(frames[clip], k, P.group_sizes(frames[clip], k, "affinity", 1), got)
+
+
+@pytest.mark.engine
+def test_voiced_budget_sets_the_placeholder_count(sw_run, clips):
+    """K = keep_ratio of the voiced frames + 8 silence groups, from the processor's waveform;
+    short clips keep far fewer frames than the fixed ratio would."""
+    ks = {}
+    for (clip, ratio), res in sw_run["by_key"].items():
+        ks[(clip, ratio)] = res["encoder_lens"][0]
+        assert res["encoder_lens"] == [_voiced_k(clips, clip, ratio)], (clip, ratio)
+    print("voiced K per (clip, ratio):", ks)
+    assert ks[(0, 0.5)] < ks[(3, 0.5)] < P.num_kept(FRAMES, 0.5)  # 2 s clip < 19.5 s clip < fixed 750
 
 
 @pytest.mark.engine
 @pytest.mark.parametrize("ratio", SW_RATIOS)
-def test_size_weighted_matches_reference(ratio, sw_run, reference, frames):
+def test_size_weighted_matches_reference(ratio, sw_run, clips, reference, frames):
     """vLLM's padded-head cross-attention = the reference's softmax(qk/sqrt(d) + log size),
     same groups (up to near-ties), same tokens, logprobs within 1e-3."""
     msgs = []
     for clip in PARITY_CLIPS:
         res = sw_run["by_key"][(clip, ratio)]
-        got, flips = _sw_groups(sw_run, reference, frames, clip, ratio)
-        assert res["encoder_lens"] == [P.num_kept(FRAMES, ratio)]
+        k = _voiced_k(clips, clip, ratio)
+        got, flips = _sw_groups(sw_run, frames, clip, k)
         ref = reference.generate(frames[clip], sizes=got, proportional=True, max_new_tokens=MAX_NEW)
         ok, msg = parity(res, ref)
-        msgs.append(f"size-weighted keep_ratio={ratio} clip {clip} ({flips} near-tie cut(s)): {msg}")
+        msgs.append(f"size-weighted keep_ratio={ratio} (voiced) clip {clip} (1500 -> {k}, {flips} near-tie "
+                    f"cut(s)): {msg}")
         assert ok, msgs[-1]
     print("\n".join(msgs))
 
 
 def _sw_wrong(sizes: torch.Tensor) -> dict:
-    """Deliberately wrong biases: none (plain attention), sizes of the groups in reverse
+    """Deliberately wrong biases: none (plain attention), the groups' sizes in reverse
     order, twice the log size, log(size + 1)."""
     return {"plain": None, "reversed-sizes": sizes.flip(0), "2x-log": sizes.double() ** 2,
             "log(size+1)": sizes + 1}
@@ -484,11 +506,11 @@ def _sw_wrong(sizes: torch.Tensor) -> dict:
 
 @pytest.mark.engine
 @pytest.mark.parametrize("clip", (1, 3))
-def test_size_weighted_wrong_biases_rejected(clip, sw_run, reference, frames):
+def test_size_weighted_wrong_biases_rejected(clip, sw_run, clips, reference, frames):
     """The same comparison rejects every wrong bias within 8 steps."""
     ratio = 0.25
     res = sw_run["by_key"][(clip, ratio)]
-    got, _ = _sw_groups(sw_run, reference, frames, clip, ratio)
+    got, _ = _sw_groups(sw_run, frames, clip, _voiced_k(clips, clip, ratio))
     diffs = {}
     for name, bias in _sw_wrong(got).items():
         wrong = reference.generate(frames[clip], sizes=got, proportional=bias is not None, bias_sizes=bias,
@@ -500,23 +522,23 @@ def test_size_weighted_wrong_biases_rejected(clip, sw_run, reference, frames):
 
 
 @pytest.mark.engine
-def test_size_weighted_kv_cost(sw_run, affinity_run):
-    """The cross-attention KV cache has the padded head size (CPU: 64 -> 80): the same
-    blocks per request as plain pooling, each 80/64 as many bytes. The self-attention
-    pages are padded to the same page size (vLLM unifies page sizes across groups)."""
+def test_size_weighted_kv_cost(sw_run, affinity_run, clips):
+    """The cross-attention KV cache has the padded head size (CPU: 64 -> 80): ceil(K / block)
+    blocks per request, each 80/64 as many bytes as plain pooling's. The self-attention pages
+    are padded to the same page size (vLLM unifies page sizes across KV-cache groups)."""
     assert sw_run["managers"] == ["FullAttentionManager", "CrossAttentionManager"]
     assert affinity_run["head_sizes"] == [64, 64] and sw_run["head_sizes"] == [64, 80]
     plain_page, sw_page = affinity_run["page_bytes"][1], sw_run["page_bytes"][1]
     assert sw_page * 64 == plain_page * 80
     assert sw_run["page_bytes"][0] == sw_page  # the self-attention page, padded
-    by_ratio = {p["ratio"]: p["blocks"] for p in affinity_run["kv"]}
+    bs = sw_run["block_size"]
+    stock_blocks = [p for p in affinity_run["kv"] if p["ratio"] is None][0]["blocks"][1]
     for p in sw_run["kv"]:
         ratio = p["ratio"] or 0.5
-        assert p["blocks"] == by_ratio[ratio], (ratio, p["blocks"], by_ratio[ratio])
-    stock_bytes = by_ratio[None][1] * plain_page
-    for p in sw_run["kv"]:
-        share = p["blocks"][1] * sw_page / stock_bytes
-        print(f"keep_ratio {p['ratio'] or 0.5}: cross-attention KV {share:.3f} of stock bytes per layer")
+        k = _voiced_k(clips, 0, ratio)
+        assert p["encoder_lens"] == [k] and p["blocks"] == [1, -(-k // bs)], (ratio, p)
+        share = p["blocks"][1] * sw_page / (stock_blocks * plain_page)
+        print(f"clip 0, keep_ratio {ratio} voiced: K={k}, cross-attention KV {share:.3f} of stock bytes")
 
 
 def test_size_weighted_refused_where_not_implemented():

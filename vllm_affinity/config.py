@@ -50,6 +50,14 @@ class InputStage(_Strict):
     method: Literal["affinity", "uniform"] = Field(
         "affinity", description="how groups are chosen: by affinity, or equal-size bins"
     )
+    budget: Literal["fixed", "voiced"] = Field(
+        "fixed", description="how many groups an audio gets: 'fixed' keep_ratio of its tokens; "
+        "'voiced' keep_ratio of its voiced tokens (frame-energy VAD) + at most silence_groups "
+        "for the rest (vllm_affinity/budget.py)"
+    )
+    silence_groups: int = Field(8, ge=0, le=4096, description="budget 'voiced': groups for the unvoiced tokens")
+    voiced_db: float = Field(40.0, gt=0.0, le=120.0, description="budget 'voiced': a token is voiced "
+                             "if its RMS is within this many dB of the audio's loudest token")
     size_weighted: bool = Field(
         False, description="attention that reads the merged rows weighs each by its group size: "
         "softmax(q.k/sqrt(d) + log size), exactly, via one extra head dimension padded to a head "
@@ -160,6 +168,8 @@ class AffinityConfig(_Strict):
         parts.append(
             "input stage off" if s is None
             else f"input stage: keep_ratio={s.keep_ratio}, window={s.window}, method={s.method}"
+            + (f", budget voiced (+{s.silence_groups} silence groups, {s.voiced_db:g} dB)"
+               if s.budget == "voiced" else "")
             + (", size-weighted attention" if s.size_weighted else "")
         )
         if self.encoder_real_length and real_length:

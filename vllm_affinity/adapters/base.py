@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import accounting, pooling
+from .. import accounting, budget, pooling
 from ..architectures import ArchFacts, facts_for
 from ..config import (
     HF_CONFIG_KEY,
@@ -246,10 +246,19 @@ class AffinityProcessorMixin:
         merged = self.info.ctx.get_merged_mm_kwargs(hf_processor_mm_kwargs or {})
         return request_keep_ratio(self.info.affinity, merged)
 
-    def kept_counts(self, num_samples: Sequence[int], ratio: float) -> tuple[list[int], list[int]]:
-        """(n, K) per audio: the one source of both, for the prompt and for the metrics."""
-        n = [self.stock_tokens(int(s)) for s in num_samples]
-        return n, [pooling.num_kept(x, ratio) for x in n]
+    def kept_counts(self, audios: Sequence, ratio: float) -> tuple[list[int], list[int]]:
+        """(n, K) per audio (waveforms): the one source of both. K follows the input stage's
+        budget policy (vllm_affinity/budget.py); the prompt's placeholders, the metrics and
+        the log all read K from here (via the placeholders)."""
+        stage = self.info.affinity.input
+        facts = self.info.facts
+        n = [self.stock_tokens(len(a)) for a in audios]
+        if stage is None or stage.budget == "fixed":
+            return n, [pooling.num_kept(x, ratio) for x in n]
+        spt = facts.window_seconds * SAMPLE_RATE / facts.tokens_per_window
+        return n, [budget.kept_count(x, ratio, policy=stage.budget, wave=a, samples_per_token=spt,
+                                     silence_groups=stage.silence_groups, voiced_db=stage.voiced_db)
+                   for x, a in zip(n, audios)]
 
     def check_request(self, inputs):
         """Validate the request's kwargs and audios (ValueError: vLLM answers HTTP 400);
@@ -339,7 +348,7 @@ class AffinityProcessorMixin:
         if not audios or not any(k in processed_data for k in FEATURE_KEYS):  # precomputed embeddings
             return processed_data
         audios = audios if isinstance(audios, list) else [audios]
-        _, k = self.kept_counts([len(a) for a in audios], self.keep_ratio(hf_processor_mm_kwargs))
+        _, k = self.kept_counts(audios, self.keep_ratio(hf_processor_mm_kwargs))
         processed_data[NUM_KEPT_FIELD] = torch.tensor(k, dtype=torch.long)
         return processed_data
 
