@@ -256,3 +256,69 @@ def test_small_step_budget_still_answers_a_30s_clip(tiny_model, clips, tmp_path,
     out = run_engine_subprocess(job, tmp_path)
     assert len(out["results"][0]["token_ids"]) == 4
     assert f"max_num_batched_tokens 256 -> {budget_after}" in out["log"]
+
+
+# -- size-weighted attention above the merge (deep.size_weighted) ---------------------------
+SW_CONFIG = (1, 0.25, None)  # merge after layer 1 of 4, keep 25% of each span
+
+
+@pytest.fixture(scope="module")
+def sw_deep_run(tiny_model, clips, tmp_path_factory):
+    layer, ratio, _ = SW_CONFIG
+    spec = {"deep": {"merge_layer": layer, "keep_ratio": ratio, "window": 3, "size_weighted": True}}
+    job = {"model": str(tiny_model), "hf_overrides": {"affinity": spec}, "prompt": PROMPT, "max_tokens": MAX_NEW,
+           "logprobs": 20, "requests": [{"audios": [str(c)]} for c in clips[:4]] + [{"prompt": TEXT_PROMPT}],
+           "engine_kw_extra": {"block_size": BLOCK}}
+    return job, run_engine_subprocess(job, tmp_path_factory.mktemp("sw-deep"))
+
+
+def _sw_reference(reference, req, **kw):
+    layer, ratio, _ = SW_CONFIG
+    audios = [load_audio(p) for p in req.get("audios", [])]
+    return reference.generate(req.get("prompt", PROMPT), audios, max_new_tokens=MAX_NEW, deep_merge_layer=layer,
+                              deep_keep_ratio=ratio, deep_window=3, deep_size_weighted=True, **kw)
+
+
+#: deliberately wrong biases for the layers above the merge
+SW_WRONG = {
+    "plain attention": {"deep_size_weighted": False},
+    "2x log size": {"deep_bias_fn": lambda s: 2 * s.double().log()},
+    "log(size + 1)": {"deep_bias_fn": lambda s: (s + 1).double().log()},
+    "sizes reversed": {"deep_bias_fn": lambda s: s.flip(0).double().log()},
+}
+
+
+def test_deep_size_weighted_parity_with_reference(sw_deep_run, reference):
+    """Qwen2-Audio (tiny): the padded-head deep attention = the reference's
+    softmax(qk/sqrt(d) + log size) in the layers above the merge, prefill and decode;
+    a text-only request is unaffected; every wrong bias is rejected."""
+    job, run = sw_deep_run
+    for i, (req, res) in enumerate(zip(job["requests"], run["results"])):
+        par = json_compare(res, _sw_reference(reference, req))
+        assert par.ok, f"size-weighted deep request {i} ({req}): {par}"
+        print(f"request {i}: {par}")
+    req, res = job["requests"][2], run["results"][2]  # the 11 s clip
+    for what, kw in SW_WRONG.items():
+        kw = dict(kw)
+        if kw.pop("deep_size_weighted", True) is False:
+            layer, ratio, _ = SW_CONFIG
+            ref = reference.generate(PROMPT, [load_audio(req["audios"][0])], max_new_tokens=MAX_NEW,
+                                     deep_merge_layer=layer, deep_keep_ratio=ratio, deep_window=3)
+        else:
+            ref = _sw_reference(reference, req, **kw)
+        bad = json_compare(res, ref)
+        print(f"wrong variant {what!r}: {bad}")
+        assert not bad.ok, f"parity cannot tell {what} apart: {bad}"
+
+
+def test_deep_size_weighted_kv_layout(sw_deep_run):
+    """The deep group's head is padded to the next size the backend supports above head_dim
+    + 1 (tiny model, CPU: 32 -> 64); vLLM gives the shallow group the same page bytes (here by
+    a larger block, the ratio being whole; else by padding the page)."""
+    _, run = sw_deep_run
+    groups = {g["spec"]: g for g in run["kv_groups"]}
+    deep, shallow = groups["AffinityDeepAttentionSpec"], groups["FullAttentionSpec"]
+    assert deep["head_size"] > shallow["head_size"] and deep["head_size"] % 8 == 0
+    assert deep["page_bytes"] == shallow["page_bytes"]  # vLLM unifies page sizes
+    assert shallow["layers"] == SW_CONFIG[0] + 1 and deep["layers"] == N_LAYERS - SW_CONFIG[0] - 1
+    print(run["kv_groups"])

@@ -39,6 +39,8 @@ class ArchFacts:
     long_audio: LongAudio
     #: where the input stage's size-weighted attention is implemented ("" : nowhere yet)
     size_weighted_in: str = ""
+    #: the deep stage's size-weighted attention is implemented (and parity-tested) here
+    deep_size_weighted: bool = False
 
     def validate(self, cfg: AffinityConfig) -> AffinityConfig:
         """The server SPEC, checked against what this architecture allows."""
@@ -49,6 +51,12 @@ class ArchFacts:
                 f"sequence, and {self.name}'s decoder has none (it reads the audio through "
                 "cross-attention). Use the input stage alone, e.g. the preset 'input-only' or "
                 '{"input": {"keep_ratio": 0.74}}'
+            )
+        if cfg.deep is not None and cfg.deep.size_weighted and not self.deep_size_weighted:
+            raise AffinityConfigError(
+                f"invalid vllm-affinity config: hf_overrides.{HF_CONFIG_KEY}.deep.size_weighted is not "
+                f"implemented for {self.name} yet (parity-tested on Qwen2-Audio only). Remove it, or set "
+                "it to false"
             )
         if cfg.input is not None and cfg.input.size_weighted and not self.size_weighted_in:
             raise AffinityConfigError(
@@ -89,6 +97,7 @@ ARCHITECTURES: dict[str, ArchFacts] = {
             "Qwen2AudioForConditionalGeneration",
             "vllm_affinity.adapters.qwen2_audio:AffinityQwen2AudioForConditionalGeneration",
             "Qwen2-Audio", 30, 750, deep_stage=True, positions="rope-1d", long_audio="plugin-windows",
+            deep_size_weighted=True,
         ),
         ArchFacts(
             "AudioFlamingo3ForConditionalGeneration",

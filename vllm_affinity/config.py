@@ -86,6 +86,12 @@ class DeepStage(_Strict):
     keep_ratio: float = Field(gt=0.0, le=1.0, description="fraction of each audio span kept at the deep stage")
     window: int = Field(3, ge=1, le=64, description="look-back window (omega) of the affinity score")
     method: Literal["affinity", "uniform"] = "affinity"
+    size_weighted: bool = Field(
+        False, description="the layers above the merge weigh each merged row by its group size: "
+        "softmax(q.k/sqrt(d) + log size), exactly, via one extra head dimension padded to a head "
+        "size the attention backend supports (more KV bytes per row in every layer: vLLM pads all "
+        "KV pages to the largest)"
+    )
 
     _finite = field_validator("keep_ratio", mode="before")(InputStage._finite_number.__func__)
 
@@ -183,7 +189,7 @@ class AffinityConfig(_Strict):
         parts.append(
             "deep stage off" if d is None
             else f"deep stage: merge_layer={d.merge_layer}, keep_ratio={d.keep_ratio}, "
-            f"window={d.window}, method={d.method}"
+            f"window={d.window}, method={d.method}" + (", size-weighted attention" if d.size_weighted else "")
         )
         return "; ".join(parts)
 

@@ -99,6 +99,10 @@ def generate(job, llm) -> dict:
     result["free_blocks_end"] = kvm.block_pool.get_num_free_blocks()
     result["encoder_cache_size"] = scheduler.encoder_cache_manager.cache_size
     result["max_num_encoder_input_tokens"] = scheduler.max_num_encoder_input_tokens
+    groups = kvm.kv_cache_config.kv_cache_groups
+    result["kv_groups"] = [{"spec": type(g.kv_cache_spec).__name__, "head_size": g.kv_cache_spec.head_size,
+                            "page_bytes": g.kv_cache_spec.page_size_bytes, "layers": len(g.layer_names)}
+                           for g in groups]
     return result
 
 

@@ -412,7 +412,8 @@ def merge_step(h, residual, positions, step, method: str, window: int, failed: l
 
     Affinity is computed on the residual stream h + residual (what the HF decoder layer
     returns); a merged row carries the mean stream in ``h`` and zero residual. Returns
-    (h, residual, positions) with C rows and ``back``: the row of each of the T tokens.
+    (h, residual, positions) with C rows, ``back``: the row of each of the T tokens, and
+    ``row_sizes``: how many tokens each of the C rows stands for (1 outside the spans).
     ``positions`` is (T,) for 1-D RoPE or (sections, T) for M-RoPE: a merged row takes
     the floor of its members' mean in every component.
 
@@ -420,7 +421,7 @@ def merge_step(h, residual, positions, step, method: str, window: int, failed: l
     row count, hence KV slots, stay as planned, so the batch goes on) and its request
     id is appended to ``failed``: the scheduler then fails that request alone.
     """
-    hs, rs, ps, back = [], [], [], []
+    hs, rs, ps, back, row_sizes = [], [], [], [], []
     cursor = row = 0
 
     def copy(a: int, b: int) -> None:
@@ -428,6 +429,7 @@ def merge_step(h, residual, positions, step, method: str, window: int, failed: l
         if b > a:
             hs.append(h[a:b]); rs.append(residual[a:b]); ps.append(positions[..., a:b])
             back.append(torch.arange(row, row + b - a, device=h.device))
+            row_sizes.append(torch.ones(b - a, dtype=torch.long))
             row += b - a
 
     for (a, m, k), req_id in zip(step.spans, step.span_req_ids):
@@ -452,12 +454,13 @@ def merge_step(h, residual, positions, step, method: str, window: int, failed: l
             else torch.stack([pooling.merge_positions(p, sizes) for p in span_pos])
         )
         back.append(row + pooling.group_index(sizes, h.device))
+        row_sizes.append(sizes.cpu().long())
         row += k
         cursor = a + m
     copy(cursor, h.shape[0])
     if row != step.num_rows:
         raise RuntimeError(f"vllm-affinity: merged to {row} rows, the runner planned {step.num_rows}")
-    return torch.cat(hs), torch.cat(rs), torch.cat(ps, dim=-1), torch.cat(back)
+    return torch.cat(hs), torch.cat(rs), torch.cat(ps, dim=-1), torch.cat(back), torch.cat(row_sizes)
 
 
 class AffinityModelMixin:
@@ -481,6 +484,7 @@ class AffinityModelMixin:
         self.affinity_step = None  # set by the runner for each forward pass
         self.affinity_failed: list[str] = []  # request ids whose merge failed, drained by the runner
         self.deep_layer: int | None = None
+        self.deep_size_weighted: list = []  # the deep layers' size-weighted attentions, if on
         if self.affinity.deep is not None:
             from ..engine.kv import AffinityDeepAttention
 
@@ -488,6 +492,10 @@ class AffinityModelMixin:
             self.deep_layer = self.affinity.deep.resolve_layer(len(layers))
             for layer in layers[self.deep_layer + 1 :]:
                 layer.self_attn.attn.__class__ = AffinityDeepAttention
+            if self.affinity.deep.size_weighted:
+                from ..engine.size_weighted import install_deep_size_weighted
+
+                self.deep_size_weighted = install_deep_size_weighted(layers[self.deep_layer + 1 :], vllm_config)
         logger.info("vllm-affinity: %s", self.describe())
 
     # -- what an adapter may override -----------------------------------------------------------
@@ -530,14 +538,20 @@ class AffinityModelMixin:
         residual = None
         for layer in lm.layers[: self.deep_layer + 1]:
             h, residual = layer(positions, h, residual)
-        step, back = self.affinity_step, None
+        step, back, row_sizes = self.affinity_step, None, None
         if step is not None and step.spans:
             deep = self.affinity.deep
-            h, residual, positions, back = merge_step(
+            h, residual, positions, back, row_sizes = merge_step(
                 h, residual, positions, step, deep.method, deep.window, self.affinity_failed
             )
+        # size-weighted deep attention: this step's rows' log sizes (per forward pass; 0 = unmerged)
+        log_sizes = None if row_sizes is None else row_sizes.to(h.device, torch.float32).log()
+        for attn in self.deep_size_weighted:
+            attn.log_sizes = log_sizes
         for layer in lm.layers[self.deep_layer + 1 :]:
             h, residual = layer(positions, h, residual)
+        for attn in self.deep_size_weighted:
+            attn.log_sizes = None
         h, _ = lm.norm(h, residual)
         # one row per scheduled token again (logits are read at the last token of each
         # request, which is never inside an audio span in chat prompts)

@@ -149,6 +149,8 @@ class ReferenceSpeechLM:
         deep_method: pooling.Method = "affinity",
         deep_pool_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         deep_position_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        deep_size_weighted: bool = False,
+        deep_bias_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **audio_kw,
     ) -> ReferenceOutput:
         """Greedy decoding; ``prompt`` holds one audio placeholder per audio (unexpanded).
@@ -160,7 +162,9 @@ class ReferenceSpeechLM:
         ``num_kept(m, deep_keep_ratio)``, ``deep_method``, ``deep_window``);
         ``deep_position_fn(positions, sizes)`` gives the merged rows' positions (default
         :func:`pooling.merge_positions`, the floor of the members' mean; tests pass wrong ones).
-        ``audio_kw`` goes to :meth:`audio_embeddings`.
+        ``deep_size_weighted``: the layers above L add log(group size) of every merged key to
+        its attention logits, in prefill and decode (``deep_bias_fn(row_sizes)`` gives the
+        bias instead: tests pass wrong ones). ``audio_kw`` goes to :meth:`audio_embeddings`.
         """
         lm = self.language_model
         n_layers = int(lm.config.num_hidden_layers)
@@ -212,6 +216,7 @@ class ReferenceSpeechLM:
             out_ids, logprobs, deep_kept, deep_kv_len = self._generate_deep(
                 embeds, spans, max_new_tokens, deep_merge_layer, deep_pool_fn,
                 deep_position_fn or pooling.merge_positions,
+                (deep_bias_fn or (lambda sizes: sizes.double().log())) if deep_size_weighted else None,
             )
         else:
             out_ids, logprobs = self._generate_plain(embeds, len(full), max_new_tokens)
@@ -253,9 +258,12 @@ class ReferenceSpeechLM:
         merge_layer: int,
         deep_pool_fn: Callable[[torch.Tensor], torch.Tensor],
         position_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = pooling.merge_positions,
+        bias_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[list[int], list[torch.Tensor], list[int], int]:
         """Greedy loop driving the decoder layers one by one with the deep merge after
-        layer ``merge_layer``. Returns (tokens, logprobs, K per audio, deep KV length)."""
+        layer ``merge_layer``. Returns (tokens, logprobs, K per audio, deep KV length).
+        ``bias_fn(row_sizes)``: an additive logit bias per compacted key of the deep layers
+        (size-weighted attention); None: plain attention."""
         from transformers import DynamicCache
 
         lm = self.language_model
@@ -279,19 +287,21 @@ class ReferenceSpeechLM:
                 # prefill: layers 0..L on the full prompt, positions 0..T-1
                 pos = torch.arange(T)[None, :]
                 x = run(shallow, embeds, pos, _causal_mask(T, dtype))[0]
-                rows, new_pos = [], []
+                rows, new_pos, row_sizes = [], [], []
                 cursor = 0
                 for start, m in spans:
                     if start < cursor:
                         raise ValueError("audio spans overlap")
                     rows.append(x[cursor:start])
                     new_pos.append(pos[0, cursor:start])
+                    row_sizes.append(torch.ones(max(0, start - cursor), dtype=torch.long))
                     if m > 0:
                         span = x[start : start + m]
                         sizes = torch.as_tensor(deep_pool_fn(span), dtype=torch.long).cpu()
                         if sizes.dim() != 1 or int(sizes.sum()) != m or bool((sizes < 1).any()):
                             raise ValueError(f"deep group sizes {sizes.tolist()} do not split a span of {m}")
                         rows.append(pooling.merge(span, sizes))
+                        row_sizes.append(sizes)
                         new_pos.append(position_fn(pos[0, start : start + m], sizes))
                         kept.append(int(sizes.numel()))
                     else:
@@ -299,17 +309,23 @@ class ReferenceSpeechLM:
                     cursor = start + m
                 rows.append(x[cursor:])
                 new_pos.append(pos[0, cursor:])
+                row_sizes.append(torch.ones(T - cursor, dtype=torch.long))
                 h = torch.cat(rows)[None]
                 pos_c = torch.cat(new_pos)[None, :]
                 C = h.shape[1]
+                bias = None if bias_fn is None else bias_fn(torch.cat(row_sizes)).to(dtype).view(1, 1, 1, C)
                 # layers L+1.. on the compacted sequence, merged positions, causal in compacted order
-                h = run(deep, h, pos_c, _causal_mask(C, dtype))
+                mask = _causal_mask(C, dtype)
+                h = run(deep, h, pos_c, mask if bias is None else mask + bias)
             else:
                 # decode: original position T + step - 1 in every layer, one query sees all keys
                 pos = torch.tensor([[T + step - 1]])
                 h = lm.get_input_embeddings()(torch.tensor([[out_ids[-1]]]))
                 h = run(shallow, h, pos, None)
-                h = run(deep, h, pos, None)
+                # the new token's own key (and earlier decoded ones) weigh 1: bias 0
+                dmask = None if bias is None else torch.cat(
+                    [bias, torch.zeros(1, 1, 1, step, dtype=dtype)], dim=-1)
+                h = run(deep, h, pos, dmask)
             logits = self.lm_head(lm.norm(h)[0, -1]).float()
             lp = torch.log_softmax(logits, dim=-1)
             nxt = int(torch.argmax(logits))
