@@ -78,6 +78,12 @@ SEAMS: tuple[Seam, ...] = (
     Seam("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register"),
     Seam("vllm.v1.kv_cache_interface:AttentionSpec"),
     Seam("vllm.model_executor.layers.attention:Attention.get_kv_cache_spec", ("vllm_config",)),
+    # size-weighted attention (engine/size_weighted.py, adapters/whisper.py): padded-head layers
+    Seam("vllm.model_executor.layers.attention:Attention.__init__", ("num_heads", "head_size", "scale", "num_kv_heads"),
+         "a padded-head attention layer of the same name"),
+    Seam("vllm.v1.attention.selector:get_attn_backend", ("head_size", "dtype", "kv_cache_dtype"),
+         "the head sizes the backend supports"),
+    Seam("vllm.v1.attention.backend:AttentionBackend.supports_head_size", ("head_size",)),
     # config time (engine/config_hook.py)
     Seam("vllm.model_executor.models.config:MODELS_CONFIG_MAP"),
     Seam("vllm.model_executor.models.config:VerifyAndUpdateConfig"),
@@ -124,6 +130,12 @@ def _omni_seams(cls: str) -> tuple[Seam, ...]:
 #: seams of one adapter's vLLM model module, checked when that adapter's model is built (its
 #: module is imported only for that architecture: the Omni ones need torchvision)
 ADAPTER_SEAMS: dict[str, tuple[Seam, ...]] = {
+    "whisper": (
+        Seam("vllm.model_executor.models.whisper:WhisperCrossAttention.forward",
+             ("hidden_states", "encoder_hidden_states"), "size-weighted cross-attention (adapters/whisper.py)"),
+        Seam("vllm.model_executor.layers.attention.cross_attention:CrossAttention.__init__",
+             ("num_heads", "head_size", "scale", "cache_config", "attn_type"), "a padded-head cross-attention"),
+    ),
     "qwen2_5_omni": _omni_seams(
         "vllm.model_executor.models.qwen2_5_omni_thinker:Qwen2_5OmniThinkerForConditionalGeneration"),
     "qwen3_omni": _omni_seams(

@@ -47,6 +47,7 @@ from vllm.model_executor.models.whisper import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .. import accounting, pooling
+from ..compat import ADAPTER_SEAMS
 from .. import size_weighted as sw
 from ..config import REQUEST_KEEP_RATIO_KEY, AffinityConfig
 from ..architectures import facts_for
@@ -212,6 +213,7 @@ class AffinityWhisperForConditionalGeneration(AffinityModelMixin, WhisperForCond
     """Stock Whisper whose encoder output is pooled to the processor's count."""
 
     ARCH = ARCH
+    SEAMS = ADAPTER_SEAMS["whisper"]
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
