@@ -22,7 +22,11 @@ from .conftest import CACHE
 
 pytestmark = pytest.mark.server
 
-SPEC = '{"input": {"keep_ratio": 0.5}}'
+SPECS = {
+    "fixed": '{"input": {"keep_ratio": 0.5}}',
+    # the padded-head cross-attention and the waveform-dependent K behind the real endpoint
+    "sw-voiced": '{"input": {"keep_ratio": 0.5, "size_weighted": true, "budget": "voiced"}}',
+}
 CLIPS = 4
 
 
@@ -33,7 +37,24 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not on /metrics")
 
 
-def test_transcriptions_are_real_at_the_servers_ratio(tmp_path):
+def _expected_k(spec: str, clip) -> int:
+    import json
+
+    import soundfile as sf
+
+    from vllm_affinity import budget
+
+    stage = json.loads(spec)["input"]
+    if stage.get("budget", "fixed") == "fixed":
+        return P.num_kept(1500, stage["keep_ratio"])
+    wave, sr = sf.read(clip.path, dtype="float32")
+    assert sr == 16000
+    return budget.kept_count(1500, stage["keep_ratio"], policy="voiced", wave=wave, samples_per_token=320)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_transcriptions_are_real_at_the_servers_ratio(tmp_path, name):
+    SPEC = SPECS[name]
     import requests
 
     from vllm_affinity_tools import asr
@@ -60,14 +81,17 @@ def test_transcriptions_are_real_at_the_servers_ratio(tmp_path):
         metrics = requests.get(srv.base_url.removesuffix("/v1") + "/metrics", timeout=30).text
         log = srv.log()
     wer = asr.corpus_wer([c.text for c in clips], auto)
-    print(f"\ntiny.en via /v1/audio/transcriptions at keep 0.5, {CLIPS} espeak-ng clips: WER {wer:.1%}")
+    print(f"\ntiny.en via /v1/audio/transcriptions, {SPEC}, {CLIPS} espeak-ng clips: WER {wer:.1%}")
     for c, t in zip(clips, auto):
         print(f"  {c.text!r}\n  -> {t!r}")
     assert auto == english
     assert wer < 0.5  # the multilingual prompt gives ' to' / '' (WER ~100%)
-    k = P.num_kept(1500, 0.5)
-    assert log.count(f"vllm-affinity: audio tokens [1500] -> [{k}] (keep_ratio=0.5)") == 2 * CLIPS
+    ks = [_expected_k(SPEC, c) for c in clips]
+    for k in set(ks):
+        assert log.count(f"vllm-affinity: audio tokens [1500] -> [{k}] (keep_ratio=0.5)") == 2 * ks.count(k)
     assert _metric(metrics, "vllm_affinity:requests_total") == 2 * CLIPS
-    assert _metric(metrics, "vllm_affinity:audio_tokens_after_input_total") == 2 * CLIPS * k
+    assert _metric(metrics, "vllm_affinity:audio_tokens_after_input_total") == 2 * sum(ks)
+    if name == "sw-voiced":
+        assert "size-weighted cross-attention in 4 decoder layers: head size 64 -> 80" in log
     # (vLLM logs a Traceback at DEBUG level on its own when Whisper has no chat template)
     assert not [line for line in log.splitlines() if " ERROR " in line or "500 Internal Server Error" in line]
