@@ -41,6 +41,8 @@ class ArchFacts:
     size_weighted_in: str = ""
     #: the deep stage's size-weighted attention is implemented (and parity-tested) here
     deep_size_weighted: bool = False
+    #: the encoder stage (merging between audio-encoder layers) is implemented here
+    encoder_stage: bool = False
 
     def validate(self, cfg: AffinityConfig) -> AffinityConfig:
         """The server SPEC, checked against what this architecture allows."""
@@ -51,6 +53,11 @@ class ArchFacts:
                 f"sequence, and {self.name}'s decoder has none (it reads the audio through "
                 "cross-attention). Use the input stage alone, e.g. the preset 'input-only' or "
                 '{"input": {"keep_ratio": 0.74}}'
+            )
+        if cfg.encoder is not None and not self.encoder_stage:
+            raise AffinityConfigError(
+                f"invalid vllm-affinity config: hf_overrides.{HF_CONFIG_KEY}.encoder is not implemented for "
+                f"{self.name} yet (Whisper only: its accuracy can be measured on real weights here)"
             )
         if cfg.deep is not None and cfg.deep.size_weighted and not self.deep_size_weighted:
             raise AffinityConfigError(
@@ -133,7 +140,7 @@ ARCHITECTURES: dict[str, ArchFacts] = {
             "WhisperForConditionalGeneration",
             "vllm_affinity.adapters.whisper:AffinityWhisperForConditionalGeneration",
             "Whisper", 30, 1500, deep_stage=False, positions="learned", long_audio="truncate",
-            size_weighted_in="the decoder's cross-attention",
+            size_weighted_in="the decoder's cross-attention", encoder_stage=True,
         ),
     )
 }

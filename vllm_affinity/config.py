@@ -108,9 +108,38 @@ class DeepStage(_Strict):
         return layer
 
 
+class EncoderStage(_Strict):
+    """Merging inside the audio encoder: after encoder layer ``merge_layer`` the frames of each
+    audio are merged to ``num_kept(frames, keep_ratio)`` (exact count, fixed by the server SPEC
+    so the processor knows every placeholder count); layers E+1.. of the encoder compute on the
+    merged frames. The input stage, if on, then pools what the encoder left.
+
+    ``merge_layer`` is 0-based, negative from the end; valid: 0 <= E <= encoder_layers - 2
+    after resolving (checked against the model at start-up)."""
+
+    merge_layer: int = Field(description="encoder layer whose output is merged (0-based; <0 from the end)")
+    keep_ratio: float = Field(gt=0.0, le=1.0, description="fraction of each audio's encoder frames kept")
+    window: int = Field(1, ge=1, le=64, description="look-back window (omega) of the affinity score")
+    method: Literal["affinity", "uniform"] = "affinity"
+
+    _finite = field_validator("keep_ratio", mode="before")(InputStage._finite_number.__func__)
+
+    def resolve_layer(self, num_layers: int) -> int:
+        layer = self.merge_layer + num_layers if self.merge_layer < 0 else self.merge_layer
+        if not 0 <= layer <= num_layers - 2:
+            raise AffinityConfigError(
+                f"invalid vllm-affinity config: encoder.merge_layer={self.merge_layer} resolves to "
+                f"layer {layer}, but this model's audio encoder has {num_layers} layers: the merge must "
+                f"apply to a layer in [0, {num_layers - 2}] (or [-{num_layers}, -2] from the end) so that "
+                "at least one encoder layer computes on the merged frames"
+            )
+        return layer
+
+
 class AffinityConfig(_Strict):
     """The whole plugin configuration. A stage that is None is off."""
 
+    encoder: EncoderStage | None = None
     input: InputStage | None = None
     deep: DeepStage | None = None
     allow_request_override: bool = Field(
@@ -138,6 +167,13 @@ class AffinityConfig(_Strict):
     )
 
     @model_validator(mode="after")
+    def _encoder_stage_composes(self):
+        if self.encoder is not None and self.input is not None and self.input.budget != "fixed":
+            raise ValueError("input.budget must be 'fixed' with an encoder stage (the voiced budget counts "
+                             "waveform frames, which the encoder stage has already merged)")
+        return self
+
+    @model_validator(mode="after")
     def _bounds_ordered(self):
         if self.min_request_keep_ratio > self.max_request_keep_ratio:
             raise ValueError(
@@ -148,7 +184,7 @@ class AffinityConfig(_Strict):
 
     @property
     def enabled(self) -> bool:
-        return self.input is not None or self.deep is not None
+        return self.input is not None or self.deep is not None or self.encoder is not None
 
     @property
     def audio_seconds_limit(self) -> float | None:
@@ -170,6 +206,10 @@ class AffinityConfig(_Strict):
         """One line for the start-up log; ``real_length`` / ``windows``: whether the
         architecture applies those switches (others log them as ignored)."""
         parts = []
+        e = self.encoder
+        if e is not None:
+            parts.append(f"encoder stage: merge_layer={e.merge_layer}, keep_ratio={e.keep_ratio}, "
+                         f"window={e.window}, method={e.method}")
         s = self.input
         parts.append(
             "input stage off" if s is None

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from vllm.model_executor.models.whisper import (
     WhisperCrossAttention,
     WhisperDummyInputsBuilder,
@@ -59,6 +60,7 @@ from .base import (
     AffinityProcessorMixin,
     UNCOUNTED_MARK,
     pool_to_counts,
+    trace_merge,
     validated_config,
 )
 
@@ -85,7 +87,12 @@ def whisper_config(hf_config) -> AffinityConfig:
 
 def describe(cfg: AffinityConfig, frames: int) -> str:
     """One line: what the plugin does to each audio's encoder frames."""
-    s = cfg.input
+    s, e = cfg.input, cfg.encoder
+    pre = ""
+    if e is not None:
+        pre = (f"encoder stage: frames merged {frames} -> {pooling.num_kept(frames, e.keep_ratio)} after encoder "
+               f"layer {e.merge_layer} (keep_ratio={e.keep_ratio}, window={e.window}, method={e.method}); ")
+        frames = pooling.num_kept(frames, e.keep_ratio)
     if s is None:
         what = f"input stage off: all {frames} encoder frames reach the decoder's cross-attention"
     else:
@@ -101,7 +108,7 @@ def describe(cfg: AffinityConfig, frames: int) -> str:
             f"; requests may set mm_processor_kwargs.{REQUEST_KEEP_RATIO_KEY} in "
             f"[{cfg.min_request_keep_ratio}, {cfg.max_request_keep_ratio}]"
         )
-    return what
+    return pre + what
 
 
 class AffinityWhisperProcessingInfo(AffinityInfoMixin, WhisperProcessingInfo):
@@ -129,6 +136,14 @@ class AffinityWhisperMultiModalProcessor(AffinityProcessorMixin, WhisperMultiMod
     def truncation_hint(self) -> str:
         return "the transcription API splits long audio; set max_audio_seconds to reject such audio"
 
+    def kept_counts(self, audios, ratio):
+        enc = self.info.affinity.encoder
+        if enc is None:
+            return super().kept_counts(audios, ratio)
+        # the encoder stage's count (server SPEC), then the input stage's ratio of it
+        n = [self.stock_tokens(len(a)) for a in audios]
+        return n, [pooling.num_kept(pooling.num_kept(x, enc.keep_ratio), ratio) for x in n]
+
     def kv_blocks_saved(self, prompt_len, n, kept, kept_deep) -> float:
         bs = self.block_size()
         return accounting.cross_attention_blocks_saved(sum(n), sum(kept), bs) if bs else 0.0
@@ -147,6 +162,13 @@ class AffinityWhisperMultiModalProcessor(AffinityProcessorMixin, WhisperMultiMod
     def _call_hf_processor(self, hf_data, hf_kwargs):
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != LANGUAGE_DETECTION_KEY}
         return super()._call_hf_processor(hf_data, hf_kwargs)
+
+
+def compose_sizes(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    """Frames per row after two merges: ``second`` groups the rows that ``first`` made."""
+    if first is None or second is None:
+        return second if first is None else first
+    return torch.zeros(len(second), dtype=first.dtype).index_add_(0, pooling.group_index(second, "cpu"), first)
 
 
 class SizeWeightedCrossAttention(WhisperCrossAttention):
@@ -219,6 +241,8 @@ class AffinityWhisperForConditionalGeneration(AffinityModelMixin, WhisperForCond
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         stage = self.affinity.input
         self.size_weighted = bool(stage is not None and stage.size_weighted)
+        enc = self.affinity.encoder
+        self.encoder_layer = None if enc is None else enc.resolve_layer(len(self.model.encoder.layers))
         if self.size_weighted:
             layers = self.model.decoder.layers
             head_dim = layers[0].encoder_attn.head_dim
@@ -228,16 +252,40 @@ class AffinityWhisperForConditionalGeneration(AffinityModelMixin, WhisperForCond
                 "(1 bias dimension + %d padding), %.3gx cross-attention KV bytes per kept frame",
                 len(layers), head_dim, padded, padded - head_dim - 1, padded / head_dim)
 
+    def encode_merged(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder stage on one audio's log-mel features: vLLM's WhisperEncoder, with the
+        frames merged after layer E. Returns the (K_enc, d) output and its group sizes."""
+        enc, stage = self.model.encoder, self.affinity.encoder
+        x = torch.nn.functional.gelu(enc.conv1(features))
+        x = torch.nn.functional.gelu(enc.conv2(x)).transpose(-1, -2)
+        h = (x + enc.embed_positions.weight[: x.size(-2), :]).to(x.dtype)[None]
+        for layer in enc.layers[: self.encoder_layer + 1]:
+            h = layer(h)
+        k = pooling.num_kept(h.shape[1], stage.keep_ratio)
+        sizes = pooling.group_sizes(h[0], k, stage.method, stage.window)
+        trace_merge("encoder", sizes)
+        h = pooling.merge(h[0], sizes)[None]
+        for layer in enc.layers[self.encoder_layer + 1 :]:
+            h = layer(h)
+        return enc.layer_norm(h)[0], sizes
+
     def embed_multimodal(self, **kwargs: object):
-        if not self.size_weighted:
+        if not self.size_weighted and self.encoder_layer is None:
             return super().embed_multimodal(**kwargs)
-        # every encoder output carries its rows' log group sizes (0: unmerged) in one more column
         kept = kwargs.pop(NUM_KEPT_FIELD, None)
-        embeds = self.stock_embeddings(**kwargs)
-        if kept is None:
-            return tuple(sw.with_log_sizes(e, None) for e in embeds)
-        return tuple(sw.with_log_sizes(rows, sizes)
-                     for rows, sizes in pool_to_counts(embeds, kept, self.affinity, with_sizes=True))
+        if self.encoder_layer is None:
+            embeds = self.stock_embeddings(**kwargs)
+            enc_sizes = [None] * len(embeds)
+        else:
+            audio_input = self._parse_and_validate_audio_input(**kwargs)
+            embeds, enc_sizes = zip(*(self.encode_merged(f) for f in audio_input["input_features"]))
+        pooled = ([(e, None) for e in embeds] if kept is None
+                  else pool_to_counts(embeds, kept, self.affinity, with_sizes=True))
+        if not self.size_weighted:
+            return tuple(rows for rows, _ in pooled)
+        # every encoder output carries its rows' log sizes, in original frames (0: unmerged), in
+        # one more column
+        return tuple(sw.with_log_sizes(rows, compose_sizes(es, sizes)) for (rows, sizes), es in zip(pooled, enc_sizes))
 
     # -- /v1/audio/transcriptions on English-only checkpoints (tiny.en, base.en, ...) ----------
     # Stock vLLM 0.32 builds every Whisper prompt as <|startoftranscript|><|lang|><|task|>

@@ -106,6 +106,36 @@ def encode(model, processor, audios: Sequence[Audio] | Audio, batch_size: int = 
     return states[0] if single else states
 
 
+@torch.no_grad()
+def encode_merged(model, processor, audio: Audio, merge_layer: int, keep_ratio: float, method: str = "affinity",
+                  window: int = 1, sizes: torch.Tensor | None = None, merge_fn=None):
+    """The encoder stage on transformers' WhisperEncoder: layers 0..E on the 1500 frames,
+    the frames merged to ``num_kept(1500, keep_ratio)`` (group means; ``sizes`` forces the
+    groups, ``merge_fn(h, sizes)`` replaces the merge: tests), layers E+1.. and the final norm
+    on the merged frames. Returns ((K, d) output, sizes, the (1500, d) states after layer E)."""
+    enc = model.model.encoder
+    dtype = next(model.parameters()).dtype
+    feats = processor.feature_extractor([_wave(audio)], sampling_rate=TARGET_SR, return_tensors="pt",
+                                        truncation=True).input_features.to(dtype)
+    x = torch.nn.functional.gelu(enc.conv1(feats))
+    x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+    h = x + enc.embed_positions.weight[: x.shape[1]]
+    layers = list(enc.layers)
+    for layer in layers[: merge_layer + 1]:
+        h = _layer_out(layer(h, attention_mask=None))
+    mid = h[0]
+    if sizes is None:
+        sizes = pooling.group_sizes(mid, pooling.num_kept(mid.shape[0], keep_ratio), method, window)
+    h = (merge_fn or pooling.merge)(mid, sizes)[None]
+    for layer in layers[merge_layer + 1 :]:
+        h = _layer_out(layer(h, attention_mask=None))
+    return enc.layer_norm(h)[0], sizes, mid
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
 def pool_frames(
     states: torch.Tensor,
     keep_ratio: float = 1.0,
@@ -212,6 +242,9 @@ class ReferenceWhisper:
 
     def encode(self, audios, batch_size: int = 8) -> torch.Tensor:
         return encode(self.model, self.processor, audios, batch_size)
+
+    def encode_merged(self, audio: Audio, merge_layer: int, keep_ratio: float, **kw):
+        return encode_merged(self.model, self.processor, audio, merge_layer, keep_ratio, **kw)
 
     def _states(self, audio_or_states) -> torch.Tensor:
         if isinstance(audio_or_states, torch.Tensor):
