@@ -117,23 +117,30 @@ def worker(job_path: str) -> None:
                                             "block_size": groups_cfg[0].kv_cache_spec.block_size}))
 
 
-#: server settings, one engine each: (method, size-weighted cross-attention, budget policy)
+#: server settings, one engine each: (method, size-weighted cross-attention, budget policy,
+#: encoder stage (merge_layer, keep_ratio) or None). The encoder-stage engines get the input
+#: stage at keep ratio 1.0 only (the merge happens inside the encoder).
 VARIANTS = {
-    "affinity": ("affinity", False, "fixed"),
-    "uniform": ("uniform", False, "fixed"),
-    "affinity+sw": ("affinity", True, "fixed"),
-    "uniform+sw": ("uniform", True, "fixed"),
-    "affinity voiced": ("affinity", False, "voiced"),
-    "affinity+sw voiced": ("affinity", True, "voiced"),
+    "affinity": ("affinity", False, "fixed", None),
+    "uniform": ("uniform", False, "fixed", None),
+    "affinity+sw": ("affinity", True, "fixed", None),
+    "uniform+sw": ("uniform", True, "fixed", None),
+    "affinity voiced": ("affinity", False, "voiced", None),
+    "affinity+sw voiced": ("affinity", True, "voiced", None),
+    **{f"encoder E={e} {r:g}": ("affinity", False, "fixed", (e, r)) for e in (1, -2) for r in (0.5, 0.25)},
 }
+#: the defaults of --variants (the encoder-stage ones are asked for by name: issue 13's sweep)
+DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[3] is None]
 
 
 def run_vllm(model: Path, tag: str, prompt: str, groups, ratios, variant: str, tmp: Path) -> dict:
     """One engine for ``model`` with ``variant``; ``groups``: lists of clips, one generate call each."""
-    method, sw, policy = VARIANTS[variant]
-    slug = variant.replace(" ", "-").replace("+", "-")
+    method, sw, policy, encoder = VARIANTS[variant]
+    slug = variant.replace(" ", "-").replace("+", "-").replace("=", "")
     job, out = tmp / f"acc-job-{tag}-{slug}.json", tmp / f"acc-out-{tag}-{slug}.json"
     spec = {"input": {"keep_ratio": 1.0, "method": method, "size_weighted": sw, "budget": policy}}
+    if encoder is not None:
+        spec["encoder"] = {"merge_layer": encoder[0], "keep_ratio": encoder[1]}
     job.write_text(json.dumps({"model": str(model), "spec": spec,
                                "groups": [[str(c.path) for c in clips] for clips in groups],
                                "prompt": prompt, "ratios": ratios, "out": str(out)}))
@@ -216,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="espeak: the espeak-ng corpus; human: pocketsphinx-testdata (10 clips); default espeak")
     p.add_argument("--clips", type=int, default=40, help="clips per corpus, at most (human has 10)")
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.74, 0.5, 0.34, 0.25])
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                   help="server settings, one engine each (default: all); 'affinity' (the baseline) is always run")
-    p.add_argument("--taus", type=float, nargs="+", default=[0.95, 0.9, 0.8, 0.7])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
+                   help="server settings, one engine each (default: all but the encoder-stage ones); 'affinity' "
+                        "(the baseline) is always run")
+    p.add_argument("--tag", default="", help="prefix of the result files' stems, e.g. 'encoder_'")
+    p.add_argument("--taus", type=float, nargs="*", default=[0.95, 0.9, 0.8, 0.7])
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     cmd_args = sys.argv[1:] if argv is None else list(argv)
@@ -297,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 def variant_ratios(a, variant: str) -> list[float]:
     """Keep ratios asked of one engine: 1.0 only where it is a reference point (the stock
     baseline; size weighting's padding cost with nothing merged)."""
+    if VARIANTS[variant][3] is not None:
+        return [1.0]
     return [r for r in a.ratios if r < 1.0 or variant in ("affinity", "affinity+sw")]
 
 
@@ -318,6 +329,7 @@ def score(a, ref, prompt: str, clips, vllm_out: dict, sf, engines: dict) -> dict
     # reference: encode once, decode many
     states = ref.encode([sf.read(c.path, dtype="float32") for c in clips])
     n = states.shape[1]
+    n_enc_layers, d_model = int(ref.model.config.encoder_layers), int(ref.model.config.d_model)
 
     def ref_rows(**kw) -> list:
         return ref.generate_batch(states, max_new_tokens=MAX_TOKENS, prompt=prompt, **kw)
@@ -333,20 +345,28 @@ def score(a, ref, prompt: str, clips, vllm_out: dict, sf, engines: dict) -> dict
         }
 
     for variant in a.variants:
-        method, sw, policy = VARIANTS[variant]
+        method, sw, policy, encoder = VARIANTS[variant]
         for r in variant_ratios(a, variant):
             outs = vllm_out[(variant, r)]
             kept = [o["encoder_len"][0] for o in outs]
-            sizes = [None if k == n else pooling.group_sizes(s, k, method, 1) for s, k in zip(states, kept)]
+            sizes = [None if k == n or encoder else pooling.group_sizes(s, k, method, 1)
+                     for s, k in zip(states, kept)]
             extra = {}
-            if not sw and policy == "fixed":  # the reference decodes the same pooling
+            if encoder is not None:
+                e = encoder[0] + n_enc_layers if encoder[0] < 0 else encoder[0]
+                extra.update(encoder_layer=e, encoder_keep_ratio=encoder[1],
+                             encoder_flops_share=encoder_flops(n_enc_layers, d_model, n, e, kept[0]))
+            elif not sw and policy == "fixed":  # the reference decodes the same pooling
                 ref_out = ref_rows(keep_ratio=r, method=method)
                 extra["equal_to_reference"] = sum(o.token_ids == v["token_ids"] for o, v in zip(ref_out, outs))
             cross = statistics.mean(o["cross_kv_bytes"] for o in outs)
             total = statistics.mean(o["cross_kv_bytes"] + o["self_kv_bytes"] for o in outs)
-            add(f"vLLM {variant} {r:g}", "vllm", [o["text"] for o in outs], kept, sizes, variant=variant,
+            name = f"vLLM {variant}" if encoder else f"vLLM {variant} {r:g}"
+            add(name, "vllm", [o["text"] for o in outs], kept, sizes, variant=variant,
                 method=method, size_weighted=sw, budget=policy, ratio=r, cross_kv_bytes=cross,
                 cross_kv_share=cross / stock_cross, total_kv_share=total / stock_total, **extra)
+            if encoder is not None:  # its groups are chosen inside the encoder, not on these frames
+                rows[name]["speech_groups_kept"] = None
     bs = next(iter(engines.values()))["block_size"]
     for tau in a.taus:
         outs = ref_rows(tau=tau)
@@ -356,6 +376,16 @@ def score(a, ref, prompt: str, clips, vllm_out: dict, sf, engines: dict) -> dict
         add(f"reference threshold tau={tau:g}", "reference", [o.text for o in outs], [o.kept for o in outs],
             [o.sizes for o in outs], method="threshold", tau=tau, cross_kv_share_est=est)
     return rows
+
+
+def encoder_flops(layers: int, d: int, n: int, merge_layer: int, k: int, ffn: int = 4) -> float:
+    """Encoder FLOPs with the frames merged after ``merge_layer`` over stock's: per layer
+    2·n·(4d² + 2·ffn·d²) for the projections and MLP plus 4·n²·d for attention (the convolutions,
+    the same in both, are left out)."""
+    def layer(m):
+        return 2 * m * (4 * d * d + 2 * ffn * d * d) + 4 * m * m * d
+
+    return ((merge_layer + 1) * layer(n) + (layers - merge_layer - 1) * layer(k)) / (layers * layer(n))
 
 
 #: the issue's target: at most this many WER points lost, at most this share of stock cross-attention KV
@@ -387,7 +417,8 @@ def table_rows(rows: dict, n_clips: int) -> list[list[str]]:
         eq = f"{r['equal_to_reference']}/{n_clips}" if "equal_to_reference" in r else "–"
         kv = (f"{r['cross_kv_share'] * 100:.1f}%" if "cross_kv_share" in r
               else f"{r['cross_kv_share_est'] * 100:.1f}% (est.)" if "cross_kv_share_est" in r else "–")
-        return [r["name"], f"{r['frames_kept'] * 100:.1f}%", f"{r['speech_groups_kept'] * 100:.1f}%", kv,
+        speech = "–" if r["speech_groups_kept"] is None else f"{r['speech_groups_kept'] * 100:.1f}%"
+        return [r["name"], f"{r['frames_kept'] * 100:.1f}%", speech, kv,
                 f"{r['wer'] * 100:.1f}%", f"{r['d_delta'] * 100:+.1f}", ci, f"{r['same_as_baseline']}/{n_clips}", eq]
 
     return [cell(dict(name=k, **v)) for k, v in rows.items()]
@@ -415,6 +446,7 @@ def title(model: str, corpus: str) -> str:
 def notes(a, run: dict, clips) -> str:
     heads = {v: e["head_sizes"] for v, e in run["engines"].items()}
     sw = [v for v in heads if VARIANTS[v][1]]
+    enc = [v for v in heads if VARIANTS[v][3] is not None]
     return (
         f"{corpus_note(run['corpus'], clips)} Prompt `{run['prompt']}` (vLLM and reference). "
         "Baseline: the vLLM plugin at keep ratio 1.0 (= stock vLLM). "
@@ -427,7 +459,11 @@ def notes(a, run: dict, clips) -> str:
         + (f"; size-weighted engines pad the head to {heads[sw[0]].get('cross')} (of 64)" if sw else "")
         + ". 'speech-frame groups kept': groups starting in the speech part of the 30 s window per speech "
         "frame (the rest of the merging falls on Whisper's zero padding). Rows marked 'reference' run in "
-        "transformers only: the paper's threshold tau (K known only after the encoder; KV estimated).\n\n"
+        "transformers only: the paper's threshold tau (K known only after the encoder; KV estimated)."
+        + (" 'encoder E=e r': the encoder stage, frames merged to r·1500 after encoder layer e (negative: "
+           "from the end), decoder cross-attention on them; 'encoder FLOPs' in the JSON rows "
+           "(encoder_flops_share) is the analytic share of stock's encoder FLOPs." if enc else "")
+        + "\n\n"
         + recommendation_line(run)
     )
 
@@ -438,12 +474,12 @@ def write_run(a, run: dict, clips, m: dict, command: str) -> None:
     model, corpus = run["model"], run["corpus"]
     print(f"\n== Whisper {model}, {corpus} ({len(clips)} clips)")
     write_report(
-        a.out, f"accuracy_{model}_{corpus}", title(model, corpus), HEADER, table_rows(run["rows"], len(clips)),
+        a.out, f"accuracy_{a.tag}{model}_{corpus}", title(model, corpus), HEADER, table_rows(run["rows"], len(clips)),
         f"{notes(a, run, clips)}\n\n{machine_line(m, command)}",
         run | {"machine": m, "command": command, "args": vars(a) | {"out": str(a.out)}},
     )
-    plot(a, run, clips, a.out / f"accuracy_wer_{model}_{corpus}.png")
-    if (model, corpus) == (DEFAULT_MODEL, DEFAULT_CORPUS):
+    plot(a, run, clips, a.out / f"accuracy_{a.tag}wer_{model}_{corpus}.png")
+    if (model, corpus) == (DEFAULT_MODEL, DEFAULT_CORPUS) and not a.tag:
         plot(a, run, clips, a.out / "accuracy_wer.png")
 
 
@@ -454,16 +490,16 @@ def write_combined(a, runs: list[dict], corpora: dict, m: dict, command: str) ->
         parts += ["Each corpus is reported on its own (never pooled into one WER).", ""]
     for run in runs:
         clips = corpora[run["corpus"]]
-        stem = f"accuracy_{run['model']}_{run['corpus']}"
+        stem = f"accuracy_{a.tag}{run['model']}_{run['corpus']}"
         table = "\n".join(["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
                           + ["| " + " | ".join(r) + " |" for r in table_rows(run["rows"], len(clips))])
         parts += [f"## Whisper {run['model']}, {run['corpus']} ({len(clips)} clips)", "", table, "",
                   (f"{notes(a, run, clips)} Files: `{stem}.json`, `{stem}.md`, "
-                   f"`accuracy_wer_{run['model']}_{run['corpus']}.png`."), ""]
+                   f"`accuracy_{a.tag}wer_{run['model']}_{run['corpus']}.png`."), ""]
     parts += [machine_line(m, command), ""]
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "accuracy.md").write_text("\n".join(parts))
-    (a.out / "accuracy.json").write_text(json.dumps(
+    (a.out / f"accuracy{'_' + a.tag.strip('_') if a.tag else ''}.md").write_text("\n".join(parts))
+    (a.out / f"accuracy{'_' + a.tag.strip('_') if a.tag else ''}.json").write_text(json.dumps(
         {"machine": m, "command": command, "args": vars(a) | {"out": str(a.out)}, "runs": runs},
         indent=2, default=str))
 
@@ -487,12 +523,17 @@ def plot(a, run: dict, clips, path: Path) -> None:
     base = run["rows"]["vLLM affinity 1"]["wer"] * 100
     top = min(60.0, base + 25)
     low = max(0.0, 5 * (min(r["wer"] * 100 for r in ordered) // 5) - 2)
-    for ax, key, xlabel in ((axes[0], "frames_kept", "encoder frames kept (% of 1500)"),
+    left = ("frames_kept", "encoder frames kept (% of 1500)")
+    if any("encoder_flops_share" in r for r in ordered):
+        left = ("encoder_flops", "encoder FLOPs (% of stock, analytic)")
+    for ax, key, xlabel in ((axes[0], *left),
                             (axes[1], "kv", "cross-attention KV bytes per request (% of stock)")):
         for label, pick in series.items():
             def x_of(r):
                 if key == "kv":
                     return r.get("cross_kv_share", r.get("cross_kv_share_est"))
+                if key == "encoder_flops":
+                    return r.get("encoder_flops_share", 1.0)
                 return r[key]
             pts = sorted(((x_of(r), r["wer"], r) for r in ordered if pick(r)), key=lambda t: t[:2])
             if not pts:
