@@ -652,3 +652,13 @@ def test_encoder_stage_config_checks():
         facts_for("Qwen2AudioForConditionalGeneration").validate(load_spec(ENC_SPEC))
     with pytest.raises(AffinityConfigError, match=r"input.budget must be 'fixed' with an encoder stage"):
         load_spec({**ENC_SPEC, "input": {"keep_ratio": 0.5, "budget": "voiced"}})
+
+
+def test_compose_sizes():
+    """Frames per row after the encoder stage then the input stage (size-weighted attention)."""
+    from vllm_affinity.adapters.whisper import compose_sizes
+
+    first = torch.tensor([2, 1, 3, 1, 1])  # 8 frames -> 5 rows
+    second = torch.tensor([2, 3])  # 5 rows -> 2
+    assert compose_sizes(first, second).tolist() == [3, 5]
+    assert compose_sizes(None, second) is second and compose_sizes(first, None) is first
