@@ -256,6 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from tqdm import tqdm
 
+    # machines of our kind differ: without native bf16 (avx512_bf16 / amx) a bf16 7B engine never
+    # reaches its first token (bf16 matmuls hundreds of times slower than fp32): refuse, and say what runs
+    from benchmarks.bench_models import probe_cpu
+
+    cpu = probe_cpu()
+    print(f"CPU: {cpu['cpu_model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags_found']) or '-'}; "
+          f"bf16 native: {cpu['bf16_native']} ({cpu['bf16_basis']})")
+    if a.shape == "7b" and not (cpu["bf16_native"] or cpu.get("bf16_fast")):
+        raise SystemExit(
+            "bench_offline --shape 7b runs bf16, which this CPU lacks natively (no avx512_bf16 / amx_bf16, "
+            f"probe: {cpu['bf16_basis']}): the engine would not reach its first token. Run --shape scaled "
+            "(fp32); `python benchmarks/bench_models.py` (Qwen2.5-Omni-7B / Qwen3-ASR-1.7B shapes) picks fp32 "
+            "at full widths with fewer layers on such CPUs."
+        )
+    a.cpu = cpu
     model = build_model(a.shape)
     cfg = json.loads((model / "config.json").read_text())
     clips = make_clips(a.buckets)
@@ -377,7 +392,9 @@ def write_outputs(a, rows: list[dict], runs: list[dict], dtype: str) -> None:
         "above 30 s stock truncates the audio, so the baseline is `windows-only` (no pooling, every "
         "30 s window encoded). 'of limit' = (speed-up - 1) / (FLOPs limit - 1). 'merge / TTFT': "
         "similarity + grouping + pooling of both stages, timed alone, over the variant's TTFT. "
-        "'other CPU': CPUs used by other processes while the engine ran (max over rounds).",
+        "'other CPU': CPUs used by other processes while the engine ran (max over rounds). "
+        f"CPU: {a.cpu['cpu_model']}, {a.cpu['cores']} cores, bf16 native: {a.cpu['bf16_native']} "
+        f"({a.cpu['bf16_basis']}).",
         {"runs": runs, "rows": rows, "args": vars(a) | {"out": str(a.out)}},
     )
     try:
