@@ -5,8 +5,9 @@ benchmark's clips (``vllm_affinity_tools.asr.corpus``), full transcripts (up to 
   transcripts (token ids), and those equal the transformers reference's;
 * the baseline WER on these clips stays within a stated bound (a broken conversion,
   feature pipeline or prompt would blow it: tiny.en then emits nonsense);
-* merged to half the frames, the plugin's transcripts stay within a looser bound; so do they
-  with size-weighted cross-attention and the voiced budget (measured 0.237 at keep 0.5, 6 clips).
+* merged to half the frames, the plugin's transcripts stay within a looser bound;
+* with size-weighted cross-attention at keep 0.34 (the benchmark's recommendation for tiny.en)
+  they stay within the baseline's own bound.
 
 The full picture (40 clips, every ratio and method, confidence intervals) is
 ``benchmarks/bench_accuracy.py``; see README "Accuracy on real weights".
@@ -63,13 +64,15 @@ def runs(whisper_dir, corpus, tmp_path_factory):
     return stock["batches"][0], plugin["batches"][0], plugin["batches"][1]
 
 
-#: size-weighted cross-attention + voiced budget (the benchmark's recommendation family), per request 0.5
-SW_SPEC = {"input": {"keep_ratio": 1.0, "size_weighted": True, "budget": "voiced"}}
+#: size-weighted cross-attention, the benchmark's recommendation for tiny.en (keep 0.34: +0.2 WER
+#: points on 40 clips at 41.7% of stock cross-attention KV bytes), per request
+SW_SPEC = {"input": {"keep_ratio": 1.0, "size_weighted": True}}
+SW_RATIO = 0.34
 
 
 @pytest.fixture(scope="module")
 def sw_run(whisper_dir, corpus, tmp_path_factory):
-    job = _job(whisper_dir, corpus, SW_SPEC, ratio=0.5)
+    job = _job(whisper_dir, corpus, SW_SPEC, ratio=SW_RATIO)
     return run_job(job, tmp_path_factory.mktemp("acc-sw"))["batches"][0]
 
 
@@ -121,21 +124,10 @@ def test_bound_is_sensitive(tokenizer, corpus, runs):
     assert asr.corpus_wer([c.text for c in corpus], texts[1:] + texts[:1]) > BASELINE_WER_MAX
 
 
-def test_size_weighted_voiced_within_bound(sw_run, runs, tokenizer, corpus):
-    """Size-weighted cross-attention with the voiced budget at keep 0.5: far fewer frames than
-    the fixed ratio's 750, WER within the half-frames bound."""
-    from vllm_affinity import budget
-
-    import soundfile as sf
-
-    want = []
-    for c in corpus:
-        wave, sr = sf.read(c.path, dtype="float32")
-        want.append([budget.kept_count(1500, 0.5, policy="voiced", wave=wave, samples_per_token=320)])
-    assert [r["encoder_lens"] for r in sw_run] == want
-    assert max(k for (k,) in want) < 750
+def test_size_weighted_within_bound(sw_run, runs, tokenizer, corpus):
+    """Size-weighted cross-attention at keep 0.34 (510 of 1500 frames): WER within the
+    baseline's bound (measured 0.263, the baseline's own WER on these clips)."""
+    assert [r["encoder_lens"] for r in sw_run] == [[510]] * len(sw_run)
     wer = asr.corpus_wer([c.text for c in corpus], _texts(tokenizer, sw_run))
-    print(f"\nsize-weighted + voiced at keep ratio 0.5: frames {[k for (k,) in want]}, WER {wer:.3f} "
-          f"(bound {HALF_WER_MAX})")
-    assert wer <= HALF_WER_MAX
-
+    print(f"\nsize-weighted at keep ratio {SW_RATIO}: WER {wer:.3f} (bound {BASELINE_WER_MAX})")
+    assert wer <= BASELINE_WER_MAX
