@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--note", default="", help="what else ran on the machine (written into the footer)")
     a = p.parse_args(argv)
     command = "python benchmarks/bench_whisper_serve.py " + " ".join(
         f"'{x}'" if " " in x else x for x in (sys.argv[1:] if argv is None else argv))
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     header = ["model", "SPEC", "transcriptions/s", "vs stock", "frames to the decoder (mean)",
               "cross-attn KV / request", "of stock", "empty transcripts"]
     foot = (f"{a.requests} transcriptions per cell (20 espeak-ng clips of the accuracy corpus, 2-16 s, cycled), "
-            f"{a.concurrency} concurrent openai clients, after 2 warm-up requests; one server per cell, "
-            "nothing else running. Cross-attention KV from the frames count (blocks of 128, fp32, size-weighted "
+            f"{a.concurrency} concurrent openai clients, after 2 warm-up requests; one server per cell, each "
+            f"cell run once. {a.note} Cross-attention KV from the frames count (blocks of 128, fp32, size-weighted "
             "heads 80 wide).\n\n" + machine_line(m, command))
     write_report(a.out, "whisper_serve", "Whisper through vllm serve: transcriptions/s and cross-attention KV",
                  header, rows, foot, {"machine": m, "command": command, "results": results})
