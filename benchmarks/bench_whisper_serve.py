@@ -44,18 +44,11 @@ ARGS = ["--dtype", "float32", "--max-model-len", "448", "--kv-cache-memory-bytes
         "--enforce-eager"]
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def run_one(model: Path, spec: str, clips, a, log_dir: Path) -> dict:
     import openai
     import requests
 
-    from vllm_affinity_tools.demo import cross_attention_kv_bytes
+    from vllm_affinity_tools.demo import cross_attention_kv_bytes, metric_value
     from vllm_affinity_tools.serving import ServerProcess
 
     from vllm_affinity.config import load_spec
@@ -78,8 +71,8 @@ def run_one(model: Path, spec: str, clips, a, log_dir: Path) -> dict:
             texts = list(pool.map(transcribe, range(a.requests)))
         wall = time.perf_counter() - t0
         m1 = requests.get(base, timeout=30).text
-    n_req = _metric(m1, "vllm_affinity:requests_total") - _metric(m0, "vllm_affinity:requests_total")
-    kept = _metric(m1, "vllm_affinity:audio_tokens_after_input_total") - _metric(
+    n_req = metric_value(m1, "vllm_affinity:requests_total") - metric_value(m0, "vllm_affinity:requests_total")
+    kept = metric_value(m1, "vllm_affinity:audio_tokens_after_input_total") - metric_value(
         m0, "vllm_affinity:audio_tokens_after_input_total")
     per_req = kept / n_req if n_req else 1500.0  # 'off' may not count: stock is 1500 frames
     sw = bool(cfg.input is not None and cfg.input.size_weighted)

@@ -96,6 +96,17 @@ def _req(clips, i, ratio=None):
     return req
 
 
+def _ratio_batch(clips, ratios, spec_ratio=None):
+    """Every parity clip at every ratio, keyed (clip, ratio); ``spec_ratio`` is sent without an
+    override (the server SPEC's own ratio)."""
+    reqs, keys = [], []
+    for r in ratios:
+        for i in PARITY_CLIPS:
+            reqs.append(_req(clips, i, None if r == spec_ratio else r))
+            keys.append((i, r))
+    return reqs, keys
+
+
 def _batch(clips, ratio=None, ids=PARITY_CLIPS):
     return [_req(clips, i, ratio) for i in ids]
 
@@ -144,11 +155,7 @@ def affinity_run(whisper_dir, clips, tmp_path_factory):
 @pytest.fixture(scope="module")
 def uniform_run(whisper_dir, clips, tmp_path_factory):
     """Plugin, SPEC with uniform grouping at keep ratio 0.5 (no override: the SPEC's ratio)."""
-    reqs, keys = [], []
-    for r in RATIOS:
-        for i in PARITY_CLIPS:
-            reqs.append(_req(clips, i, None if r == 0.5 else r))
-            keys.append((i, r))
+    reqs, keys = _ratio_batch(clips, RATIOS, spec_ratio=0.5)
     job = {"model": str(whisper_dir), "hf_overrides": {"affinity": UNIFORM_SPEC}, "batches": [reqs],
            "trace_groups": True}
     out = run_job(job, tmp_path_factory.mktemp("uniform"))
@@ -445,11 +452,7 @@ SW_RATIOS = (0.5, 0.25)
 def sw_run(whisper_dir, clips, tmp_path_factory):
     """Plugin, affinity pooling with size-weighted cross-attention and the voiced budget
     (SPEC 0.5, override 0.25)."""
-    reqs, keys = [], []
-    for r in SW_RATIOS:
-        for i in PARITY_CLIPS:
-            reqs.append(_req(clips, i, None if r == 0.5 else r))
-            keys.append((i, r))
+    reqs, keys = _ratio_batch(clips, SW_RATIOS, spec_ratio=0.5)
     job = {"model": str(whisper_dir), "hf_overrides": {"affinity": SW_SPEC}, "batches": [reqs],
            "trace_groups": True, "kv_probe": [None, 0.25], "audio_for_probe": str(clips[0])}
     out = run_job(job, tmp_path_factory.mktemp("sw"))
@@ -562,11 +565,7 @@ ENC_RATIOS = (1.0, 0.5)  # the input stage on top (per request): K = 750, 375
 
 @pytest.fixture(scope="module")
 def enc_run(whisper_dir, clips, tmp_path_factory):
-    reqs, keys = [], []
-    for r in ENC_RATIOS:
-        for i in PARITY_CLIPS:
-            reqs.append(_req(clips, i, r))
-            keys.append((i, r))
+    reqs, keys = _ratio_batch(clips, ENC_RATIOS)
     job = {"model": str(whisper_dir), "hf_overrides": {"affinity": ENC_SPEC}, "batches": [reqs],
            "trace_groups": True, "kv_probe": [1.0], "audio_for_probe": str(clips[0])}
     out = run_job(job, tmp_path_factory.mktemp("enc"))

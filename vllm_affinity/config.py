@@ -72,6 +72,17 @@ class InputStage(_Strict):
         return v
 
 
+def _resolve_merge_layer(merge_layer: int, num_layers: int, field: str, model: str, why: str) -> int:
+    """``merge_layer`` (negative: from the end) as an absolute layer in [0, num_layers - 2]."""
+    layer = merge_layer + num_layers if merge_layer < 0 else merge_layer
+    if not 0 <= layer <= num_layers - 2:
+        raise AffinityConfigError(
+            f"invalid vllm-affinity config: {field} resolves to layer {layer}, but {model}: the merge "
+            f"must apply to a layer in [0, {num_layers - 2}] (or [-{num_layers}, -2] from the end) {why}"
+        )
+    return layer
+
+
 class DeepStage(_Strict):
     """Pooling of the audio hidden states after decoder layer ``merge_layer``.
 
@@ -97,15 +108,10 @@ class DeepStage(_Strict):
 
     def resolve_layer(self, num_layers: int) -> int:
         """The absolute merge layer for a model with ``num_layers`` decoder layers."""
-        layer = self.merge_layer + num_layers if self.merge_layer < 0 else self.merge_layer
-        if not 0 <= layer <= num_layers - 2:
-            raise AffinityConfigError(
-                f"invalid vllm-affinity config: deep.merge_layer={self.merge_layer} resolves to "
-                f"layer {layer}, but this model has {num_layers} decoder layers: the merge must "
-                f"apply to a layer in [0, {num_layers - 2}] (or [-{num_layers}, -2] from the end) "
-                "so that at least one layer computes on the merged sequence"
-            )
-        return layer
+        return _resolve_merge_layer(
+            self.merge_layer, num_layers, f"deep.merge_layer={self.merge_layer}",
+            f"this model has {num_layers} decoder layers",
+            "so that at least one layer computes on the merged sequence")
 
 
 class EncoderStage(_Strict):
@@ -125,15 +131,11 @@ class EncoderStage(_Strict):
     _finite = field_validator("keep_ratio", mode="before")(InputStage._finite_number.__func__)
 
     def resolve_layer(self, num_layers: int) -> int:
-        layer = self.merge_layer + num_layers if self.merge_layer < 0 else self.merge_layer
-        if not 0 <= layer <= num_layers - 2:
-            raise AffinityConfigError(
-                f"invalid vllm-affinity config: encoder.merge_layer={self.merge_layer} resolves to "
-                f"layer {layer}, but this model's audio encoder has {num_layers} layers: the merge must "
-                f"apply to a layer in [0, {num_layers - 2}] (or [-{num_layers}, -2] from the end) so that "
-                "at least one encoder layer computes on the merged frames"
-            )
-        return layer
+        """The absolute merge layer for an audio encoder of ``num_layers`` layers."""
+        return _resolve_merge_layer(
+            self.merge_layer, num_layers, f"encoder.merge_layer={self.merge_layer}",
+            f"this model's audio encoder has {num_layers} layers",
+            "so that at least one encoder layer computes on the merged frames")
 
 
 class AffinityConfig(_Strict):

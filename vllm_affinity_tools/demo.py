@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _metric(text: str, name: str) -> float:
+def metric_value(text: str, name: str) -> float:
+    """A counter's value in a /metrics text (0 when absent)."""
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
@@ -143,10 +144,11 @@ def cross_attention_kv_bytes(model_dir: Path, frames: int, size_weighted: bool, 
     heads, d = cfg["decoder_attention_heads"], cfg["d_model"]
     head = d // heads
     if size_weighted:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
         from vllm_affinity.size_weighted import padded_head_size
 
-        supported = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # CPU_ATTN's head sizes
-        head = padded_head_size(head, supported.__contains__)
+        head = padded_head_size(head, CPUAttentionBackend.supports_head_size)
     return cfg["decoder_layers"] * 2 * math.ceil(frames / block) * block * heads * head * 4
 
 
@@ -174,7 +176,7 @@ def whisper_demo(audio: Path, spec: str) -> None:
             with audio.open("rb") as f:
                 text = client.audio.transcriptions.create(model="whisper", file=f, temperature=0).text
             metrics = requests.get(srv.base_url.removesuffix("/v1") + "/metrics", timeout=30).text
-        kept = int(_metric(metrics, "vllm_affinity:audio_tokens_after_input_total")) or 1500
+        kept = int(metric_value(metrics, "vllm_affinity:audio_tokens_after_input_total")) or 1500
         sw = bool(label == "plugin" and cfg.input is not None and cfg.input.size_weighted)
         out[label] = (text, kept, cross_attention_kv_bytes(model, kept, sw))
     (t0, k0, b0), (t1, k1, b1) = out["stock"], out["plugin"]

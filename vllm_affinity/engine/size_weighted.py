@@ -34,28 +34,31 @@ class SizeWeightedDeepAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         inner = self.inner
-        n = q.shape[0]
-        log_sizes = torch.zeros(n, dtype=torch.float32, device=q.device)
-        if self.log_sizes is not None:
-            m = min(n, self.log_sizes.shape[0])  # rows past the scheduled ones are padding
-            log_sizes[:m] = self.log_sizes[:m]
+        # one log size per row of q (the model sets them for its whole forward pass)
+        log_sizes = self.log_sizes if self.log_sizes is not None else q.new_zeros(q.shape[0], dtype=torch.float32)
         q, k, v = sw.augment(q, k, v, log_sizes, num_heads=inner.num_heads, num_kv_heads=inner.num_kv_heads,
                              head_dim=self.head_dim, padded=inner.head_size, scale=inner.impl.scale)
         return sw.unpad_heads(inner(q, k, v), inner.num_heads, self.head_dim, inner.head_size)
 
 
-def install_deep_size_weighted(deep_layers, vllm_config) -> list[SizeWeightedDeepAttention]:
-    """Swap the attention of every layer above the merge for a size-weighted one."""
+def padded_head_size_for(head_dim: int, vllm_config, attn_type: str | None = None) -> int:
+    """The padded head size (room for the bias dimension) the configured attention backend takes."""
     from vllm.v1.attention.selector import get_attn_backend
 
+    backend = get_attn_backend(head_dim, vllm_config.model_config.dtype, vllm_config.cache_config.cache_dtype,
+                               attn_type=attn_type)
+    return sw.padded_head_size(head_dim, backend.supports_head_size)
+
+
+def install_deep_size_weighted(deep_layers, vllm_config) -> list[SizeWeightedDeepAttention]:
+    """Swap the attention of every layer above the merge for a size-weighted one."""
     context = vllm_config.compilation_config.static_forward_context
     cache_config = vllm_config.cache_config
+    head_dim = deep_layers[0].self_attn.attn.head_size
+    padded = padded_head_size_for(head_dim, vllm_config)
     out = []
     for layer in deep_layers:
         old = layer.self_attn.attn
-        head_dim = old.head_size
-        backend = get_attn_backend(head_dim, vllm_config.model_config.dtype, cache_config.cache_dtype)
-        padded = sw.padded_head_size(head_dim, backend.supports_head_size)
         del context[old.layer_name]  # the new layer registers itself under the same name
         inner = AffinityDeepAttention(
             old.num_heads, padded, old.impl.scale, num_kv_heads=old.num_kv_heads, cache_config=cache_config,
