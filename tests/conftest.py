@@ -69,6 +69,25 @@ def clips() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def long_clips(clips):
+    """Speech of 45 s (2 windows) and 65 s (3 windows), made of the 16 kHz clips."""
+    import soundfile as sf
+
+    d = CACHE / "long"
+    d.mkdir(parents=True, exist_ok=True)
+    import numpy as np
+
+    speech = np.concatenate([load_audio(c)[0] for c in clips[:4]] * 2)
+    paths = []
+    for seconds in (45, 65):
+        p = d / f"speech-{seconds}s.wav"
+        if not p.exists():
+            sf.write(p, speech[: seconds * 16000], 16000)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_model):
     """In-process vLLM engine with the plugin loaded and the server SPEC 'off'."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -14,7 +14,7 @@ import pytest
 from vllm_affinity import encoder as E
 from vllm_affinity import pooling as P
 
-from .conftest import CACHE, MAX_NEW, PROMPT, load_audio, run_engine_subprocess
+from .conftest import MAX_NEW, PROMPT, load_audio, run_engine_subprocess
 from .parity import json_compare
 
 SR = 16000
@@ -41,23 +41,6 @@ def test_window_bounds_cover_the_audio_contiguously():
         b = E.window_bounds(samples, WIN)
         assert b[0][0] == 0 and all(x[1] == y[0] for x, y in zip(b, b[1:]))
         assert samples - b[-1][1] < E.MIN_TAIL_SAMPLES
-
-
-@pytest.fixture(scope="session")
-def long_clips(clips):
-    """Speech of 45 s (2 windows) and 65 s (3 windows), made of the 16 kHz clips."""
-    import soundfile as sf
-
-    d = CACHE / "long"
-    d.mkdir(parents=True, exist_ok=True)
-    speech = np.concatenate([load_audio(c)[0] for c in clips[:4]] * 2)
-    paths = []
-    for seconds in (45, 65):
-        p = d / f"speech-{seconds}s.wav"
-        if not p.exists():
-            sf.write(p, speech[: seconds * SR], SR)
-        paths.append(p)
-    return paths
 
 
 def test_reference_windows_concatenate_encoder_outputs(reference, long_clips, clips):

@@ -647,8 +647,9 @@ def test_encoder_stage_config_checks():
     assert EncoderStage(merge_layer=-2, keep_ratio=0.5).resolve_layer(4) == 2
     with pytest.raises(AffinityConfigError, match=r"encoder\.merge_layer=3 resolves to layer 3.*4 layers"):
         EncoderStage(merge_layer=3, keep_ratio=0.5).resolve_layer(4)
-    with pytest.raises(AffinityConfigError, match=r"encoder is not implemented for Qwen2-Audio"):
-        facts_for("Qwen2AudioForConditionalGeneration").validate(load_spec(ENC_SPEC))
+    with pytest.raises(AffinityConfigError, match=r"encoder is not implemented for GLM-ASR"):
+        facts_for("GlmAsrForConditionalGeneration").validate(load_spec(ENC_SPEC))
+    assert facts_for("Qwen2AudioForConditionalGeneration").validate(load_spec(ENC_SPEC)).encoder is not None
     with pytest.raises(AffinityConfigError, match=r"input.budget must be 'fixed' with an encoder stage"):
         load_spec({**ENC_SPEC, "input": {"keep_ratio": 0.5, "budget": "voiced"}})
 

@@ -57,7 +57,8 @@ class ArchFacts:
         if cfg.encoder is not None and not self.encoder_stage:
             raise AffinityConfigError(
                 f"invalid vllm-affinity config: hf_overrides.{HF_CONFIG_KEY}.encoder is not implemented for "
-                f"{self.name} yet (Whisper only: its accuracy can be measured on real weights here)"
+                f"{self.name} yet (Whisper, whose accuracy is measured on real weights here, and Qwen2-Audio, "
+                "parity-tested against the reference). Remove it"
             )
         if cfg.deep is not None and cfg.deep.size_weighted and not self.deep_size_weighted:
             raise AffinityConfigError(
@@ -104,7 +105,7 @@ ARCHITECTURES: dict[str, ArchFacts] = {
             "Qwen2AudioForConditionalGeneration",
             "vllm_affinity.adapters.qwen2_audio:AffinityQwen2AudioForConditionalGeneration",
             "Qwen2-Audio", 30, 750, deep_stage=True, positions="rope-1d", long_audio="plugin-windows",
-            deep_size_weighted=True,
+            deep_size_weighted=True, encoder_stage=True,
         ),
         ArchFacts(
             "AudioFlamingo3ForConditionalGeneration",

@@ -12,12 +12,17 @@ receptive field, so we encode ``real mel frames + MARGIN`` instead:
 * the stride-2 average pool of the real positions reads real positions only.
 
 So real outputs equal the stock ones up to float summation order (tests measure it).
+
+The encoder stage (:func:`encode_merged`) runs on the same real-length front: it merges
+the real positions after encoder layer E, so the padded ones never reach its later layers.
 Pure torch over the transformers encoder module; no vLLM import.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import pooling
 
 # mel frames kept after the real ones: >= 2 for the convolutions; even keeps conv2 aligned
 MARGIN = 4
@@ -29,10 +34,9 @@ def encoder_output_lengths(mel_frames: int) -> tuple[int, int]:
     return feat, (feat - 2) // 2 + 1
 
 
-def encode_real_length(tower, features: torch.Tensor, mel_frames: int) -> torch.Tensor:
-    """Encode ONE audio. ``features``: (num_mel_bins, 3000) log-mel of the 30 s window;
-    ``mel_frames``: its real frames (the feature attention mask's sum). Returns the
-    encoder's last hidden state for the real tokens only: (tokens, d_model)."""
+def _front(tower, features: torch.Tensor, mel_frames: int):
+    """Convolutions and learned positions on the real frames (+ margin) of ONE window, and
+    the stock key-padding mask: (x (1, P, d), mask (1, 1, P, P), real positions, tokens)."""
     total = features.shape[-1]
     keep = min(total, mel_frames + MARGIN + (mel_frames + MARGIN) % 2)
     x = features[None, :, :keep].to(dtype=tower.conv1.weight.dtype, device=tower.conv1.weight.device)
@@ -44,12 +48,51 @@ def encode_real_length(tower, features: torch.Tensor, mel_frames: int) -> torch.
     # key-padding mask as in the stock path: -inf on padded key positions
     mask = torch.zeros(1, 1, positions, positions, dtype=x.dtype, device=x.device)
     mask[..., feat_len:] = float("-inf")
-    for layer in tower.layers:
+    return x, mask, feat_len, out_len
+
+
+def _layers(x: torch.Tensor, layers, mask) -> torch.Tensor:
+    for layer in layers:
         out = layer(x, mask)
         x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def _tail(tower, x: torch.Tensor) -> torch.Tensor:
+    """The stride-2 average pool and the final norm: (1, P, d) -> (P // 2, d)."""
     x = tower.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)
-    x = tower.layer_norm(x)
-    return x[0, :out_len]
+    return tower.layer_norm(x)[0]
+
+
+def encode_real_length(tower, features: torch.Tensor, mel_frames: int) -> torch.Tensor:
+    """Encode ONE audio. ``features``: (num_mel_bins, 3000) log-mel of the 30 s window;
+    ``mel_frames``: its real frames (the feature attention mask's sum). Returns the
+    encoder's last hidden state for the real tokens only: (tokens, d_model)."""
+    x, mask, _, out_len = _front(tower, features, mel_frames)
+    return _tail(tower, _layers(x, tower.layers, mask))[:out_len]
+
+
+# -- the encoder stage (``encoder: {merge_layer, keep_ratio, ...}``) ------------------------
+def encoder_stage_tokens(mel_frames: int, keep_ratio: float) -> int:
+    """Tokens one encoder window leaves with the encoder stage: ``num_kept(stock tokens,
+    keep_ratio)`` (the processor's placeholder count; the input stage pools these)."""
+    return pooling.num_kept(encoder_output_lengths(mel_frames)[1], keep_ratio)
+
+
+def encode_merged(tower, features: torch.Tensor, mel_frames: int, merge_layer: int, keep_ratio: float,
+                  method: str = "affinity", window: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder stage on ONE window of a Whisper-style encoder with a stride-2 pool
+    (Qwen2-Audio): layers 0..E on the real frames (as :func:`encode_real_length`), then the
+    ``feat_len`` real positions merged into ``2 K`` groups (group means; the margin's padded
+    positions are dropped: no real position ever attended to them), layers E+1.. on those,
+    the stride-2 pool and the norm: exactly ``K = encoder_stage_tokens(mel_frames,
+    keep_ratio)`` tokens. Returns ((K, d_model), group sizes in encoder positions)."""
+    x, mask, feat_len, _ = _front(tower, features, mel_frames)
+    x = _layers(x, tower.layers[: merge_layer + 1], mask)[0, :feat_len]
+    k = encoder_stage_tokens(mel_frames, keep_ratio)
+    sizes = pooling.group_sizes(x, 2 * k, method, window)
+    x = _layers(pooling.merge(x, sizes)[None], tower.layers[merge_layer + 1 :], None)
+    return _tail(tower, x), sizes
 
 
 # -- audio longer than the encoder's 30 s window (``long_audio: windows``) ---------------

@@ -201,6 +201,10 @@ class AffinityProcessorMixin:
         """Placeholders stock vLLM gives one 16 kHz audio of ``num_samples`` samples."""
         raise NotImplementedError
 
+    def encoder_stage_tokens(self, num_samples: int) -> int:
+        """Tokens one audio has after the encoder stage (architectures with ``encoder_stage``)."""
+        raise NotImplementedError(f"{self.info.facts.name}: no encoder stage")
+
     def placeholder_token_id(self) -> int:
         """The token id of one audio placeholder (what the replacement repeats K times).
         Default: the HF processor's ``audio_token`` in the tokenizer's vocabulary."""
@@ -253,6 +257,9 @@ class AffinityProcessorMixin:
         stage = self.info.affinity.input
         facts = self.info.facts
         n = [self.stock_tokens(len(a)) for a in audios]
+        if self.info.affinity.encoder is not None:  # the input stage pools what the encoder stage left
+            # (the config refuses a voiced budget with an encoder stage)
+            return n, [pooling.num_kept(self.encoder_stage_tokens(len(a)), ratio) for a in audios]
         if stage is None or stage.budget == "fixed":
             return n, [pooling.num_kept(x, ratio) for x in n]
         spt = facts.window_seconds * SAMPLE_RATE / facts.tokens_per_window
@@ -544,10 +551,12 @@ class AffinityModelMixin:
             h, residual, positions, back, row_sizes = merge_step(
                 h, residual, positions, step, deep.method, deep.window, self.affinity_failed
             )
-        # size-weighted deep attention: this step's rows' log sizes (per forward pass; 0 = unmerged)
-        log_sizes = None if row_sizes is None else row_sizes.to(h.device, torch.float32).log()
-        for attn in self.deep_size_weighted:
-            attn.log_sizes = log_sizes
+        # size-weighted deep attention: the log size of every row of this forward pass (0 = unmerged)
+        if self.deep_size_weighted:
+            log_sizes = (h.new_zeros(h.shape[0], dtype=torch.float32) if row_sizes is None
+                         else row_sizes.to(h.device, torch.float32).log())
+            for attn in self.deep_size_weighted:
+                attn.log_sizes = log_sizes
         for layer in lm.layers[self.deep_layer + 1 :]:
             h, residual = layer(positions, h, residual)
         for attn in self.deep_size_weighted:

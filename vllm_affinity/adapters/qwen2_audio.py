@@ -4,7 +4,10 @@ Differs from the base: its stock placeholder count (Whisper-style encoder, 25 to
 per second of the first 30 s window); ``encoder_real_length`` (encode the real length,
 not the padded window: :mod:`vllm_affinity.encoder`); ``long_audio: windows`` (each
 30 s window is one row of ``input_features``, ``affinity_num_windows`` says which rows
-make one audio, and their embeddings are concatenated before pooling).
+make one audio, and their embeddings are concatenated before pooling); the encoder stage
+(``encoder``: each window's real positions merged after encoder layer E to twice the
+window's token count ``num_kept(tokens, keep_ratio)``, so the encoder's stride-2 pool gives
+exactly that many; on the real length, whatever ``encoder_real_length`` says).
 """
 
 from __future__ import annotations
@@ -22,8 +25,15 @@ from vllm.model_executor.models.qwen2_audio import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
+from .. import encoder as enc_stage
 from ..encoder import encode_real_length, split_windows, window_mel_frames
-from .base import AffinityDummyInputsMixin, AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin
+from .base import (
+    AffinityDummyInputsMixin,
+    AffinityInfoMixin,
+    AffinityModelMixin,
+    AffinityProcessorMixin,
+    trace_merge,
+)
 
 logger = logging.getLogger("vllm.affinity")
 
@@ -51,15 +61,22 @@ class AffinityQwen2AudioDummyInputsBuilder(AffinityDummyInputsMixin, Qwen2AudioD
 class AffinityQwen2AudioMultiModalProcessor(AffinityProcessorMixin, Qwen2AudioMultiModalProcessor):
     info: AffinityQwen2AudioProcessingInfo
 
+    def _window_frames(self, num_samples: int) -> list[int]:
+        fe = self.info.get_feature_extractor()
+        return window_mel_frames(num_samples, windows=self.info.affinity.long_audio == "windows",
+                                 window_samples=fe.n_samples, hop=fe.hop_length)
+
     def stock_tokens(self, num_samples: int) -> int:
         """Per encoder window, the feature extractor marks ceil(samples / hop) frames (at
         most its 30 s window), then the encoder's two stride-2 stages. Stock Qwen2-Audio
         has one window (the first 30 s)."""
-        fe = self.info.get_feature_extractor()
-        frames = torch.tensor(window_mel_frames(
-            num_samples, windows=self.info.affinity.long_audio == "windows",
-            window_samples=fe.n_samples, hop=fe.hop_length))
+        frames = torch.tensor(self._window_frames(num_samples))
         return int(_get_feat_extract_output_lengths(frames)[1].sum())
+
+    def encoder_stage_tokens(self, num_samples: int) -> int:
+        """Tokens the encoder stage leaves: per window ``num_kept(its tokens, keep_ratio)``."""
+        ratio = self.info.affinity.encoder.keep_ratio
+        return sum(enc_stage.encoder_stage_tokens(f, ratio) for f in self._window_frames(num_samples))
 
     def placeholder_token_id(self) -> int:
         return self.info.get_hf_processor().audio_token_id
@@ -104,14 +121,36 @@ class AffinityQwen2AudioForConditionalGeneration(AffinityModelMixin, Qwen2AudioF
     ARCH = ARCH
     SUPPORTS_ENCODER_REAL_LENGTH = True
 
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        enc = self.affinity.encoder
+        # checked against the model at start-up (a bad merge_layer fails here, naming the field)
+        self.encoder_layer = None if enc is None else enc.resolve_layer(len(self.audio_tower.layers))
+
+    def describe(self) -> str:
+        line = super().describe()
+        if self.affinity.encoder is not None and not self.affinity.encoder_real_length:
+            line += "; the encoder stage encodes the real audio length (+ margin), not the 30 s window"
+        return line
+
     def _process_audio_input(self, audio_input):
-        if not self.affinity.encoder_real_length or audio_input["type"] != "audio_features":
+        stage = self.affinity.encoder
+        if (stage is None and not self.affinity.encoder_real_length) or audio_input["type"] != "audio_features":
             return super()._process_audio_input(audio_input)
         out = []
         for feats, mask in zip(audio_input["input_features"], audio_input["feature_attention_mask"]):
             frames = int(mask.sum())
-            logger.debug("vllm-affinity: encoder on %d of %d mel frames", frames, feats.shape[-1])
-            out.append(self.multi_modal_projector(encode_real_length(self.audio_tower, feats, frames)))
+            if stage is None:
+                logger.debug("vllm-affinity: encoder on %d of %d mel frames", frames, feats.shape[-1])
+                tokens = encode_real_length(self.audio_tower, feats, frames)
+            else:
+                tokens, sizes = enc_stage.encode_merged(self.audio_tower, feats, frames, self.encoder_layer,
+                                                        stage.keep_ratio, stage.method, stage.window)
+                trace_merge("encoder", sizes)
+                logger.debug("vllm-affinity: encoder stage: %d mel frames, %d positions -> %d after encoder "
+                             "layer %d, %d tokens", frames, int(sizes.sum()), sizes.numel(), self.encoder_layer,
+                             tokens.shape[0])
+            out.append(self.multi_modal_projector(tokens))
         return tuple(out)
 
     def stock_embeddings(self, **kwargs: object):

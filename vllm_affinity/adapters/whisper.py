@@ -136,13 +136,8 @@ class AffinityWhisperMultiModalProcessor(AffinityProcessorMixin, WhisperMultiMod
     def truncation_hint(self) -> str:
         return "the transcription API splits long audio; set max_audio_seconds to reject such audio"
 
-    def kept_counts(self, audios, ratio):
-        enc = self.info.affinity.encoder
-        if enc is None:
-            return super().kept_counts(audios, ratio)
-        # the encoder stage's count (server SPEC), then the input stage's ratio of it
-        n = [self.stock_tokens(len(a)) for a in audios]
-        return n, [pooling.num_kept(pooling.num_kept(x, enc.keep_ratio), ratio) for x in n]
+    def encoder_stage_tokens(self, num_samples: int) -> int:
+        return pooling.num_kept(self.stock_tokens(num_samples), self.info.affinity.encoder.keep_ratio)
 
     def kv_blocks_saved(self, prompt_len, n, kept, kept_deep) -> float:
         bs = self.block_size()
@@ -203,17 +198,16 @@ def install_size_weighted(decoder_layers, vllm_config) -> int:
     hence vLLM's allocation, has the padded head size). Returns the padded head size."""
     from vllm.model_executor.layers.attention.cross_attention import CrossAttention
     from vllm.v1.attention.backend import AttentionType
-    from vllm.v1.attention.selector import get_attn_backend
+
+    from ..engine.size_weighted import padded_head_size_for
 
     context = vllm_config.compilation_config.static_forward_context
     cache_config = vllm_config.cache_config
-    padded = 0
+    padded = padded_head_size_for(decoder_layers[0].encoder_attn.head_dim, vllm_config,
+                                  attn_type=AttentionType.ENCODER_DECODER)
     for layer in decoder_layers:
         xattn = layer.encoder_attn
         old = xattn.attn
-        backend = get_attn_backend(xattn.head_dim, vllm_config.model_config.dtype, cache_config.cache_dtype,
-                                   attn_type=AttentionType.ENCODER_DECODER)
-        padded = sw.padded_head_size(xattn.head_dim, backend.supports_head_size)
         # the new layer registers itself under the same name: the old one leaves first
         del context[old.layer_name]
         xattn.attn = CrossAttention(

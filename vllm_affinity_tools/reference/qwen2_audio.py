@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from vllm_affinity import pooling
 
 from .base import (  # noqa: F401  (re-exported: older imports name this module)
     TARGET_SR,
@@ -41,43 +42,92 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
         audios: list[tuple[np.ndarray, int]],
         encoder_real_length: bool = False,
         long_audio: Literal["truncate", "windows"] = "truncate",
+        encoder_stage: dict | None = None,
     ) -> list[torch.Tensor]:
         """Encoder + projector output of each audio, padded frames removed: [(n_i, H)].
 
         ``encoder_real_length``: encode only the real frames (+ margin), as the plugin
         does with that switch (:mod:`vllm_affinity.encoder`).
         ``long_audio="windows"``: encode each 30 s window (``encoder.window_bounds``) as an
-        audio of its own and concatenate the windows' outputs; "truncate" keeps 30 s."""
+        audio of its own and concatenate the windows' outputs; "truncate" keeps 30 s.
+        ``encoder_stage``: keyword arguments of :meth:`encode_merged` (the encoder stage, on
+        every window)."""
         waves = [to_16k_mono(a, sr) for a, sr in audios]
         if long_audio == "windows":
             from vllm_affinity.encoder import split_windows
 
             n_samples = self.processor.feature_extractor.n_samples
             windows = [split_windows(w, n_samples) for w in waves]
-            flat = self._embed_waves([x for ws in windows for x in ws], encoder_real_length)
+            flat = self._embed_waves([x for ws in windows for x in ws], encoder_real_length, encoder_stage)
             it = iter(flat)
             return [torch.cat([next(it) for _ in ws]) for ws in windows]
-        return self._embed_waves(waves, encoder_real_length)
+        return self._embed_waves(waves, encoder_real_length, encoder_stage)
 
-    def _embed_waves(self, waves: list[np.ndarray], encoder_real_length: bool) -> list[torch.Tensor]:
+    def _stock_mask(self, fmask: torch.Tensor, max_mel: int, dtype: torch.dtype):
+        """transformers' key-padding mask of the stock 30 s window, and the real lengths."""
         from transformers.masking_utils import create_bidirectional_mask
 
+        tower = self.model.model.audio_tower
+        feat_lens, out_lens = tower._get_feat_extract_output_lengths(fmask.sum(-1))
+        max_seq = (max_mel - 2) // 2 + 1
+        valid = torch.arange(max_seq)[None, :] < feat_lens[:, None]
+        mask = create_bidirectional_mask(
+            config=tower.config,
+            inputs_embeds=torch.zeros(fmask.shape[0], max_seq, 1, dtype=dtype),
+            attention_mask=valid.long(),
+        )
+        return mask, feat_lens, out_lens
+
+    @torch.no_grad()
+    def encode_merged(self, feats: torch.Tensor, fmask: torch.Tensor, *, merge_layer: int, keep_ratio: float,
+                      method: str = "affinity", window: int = 1, merge_fn=None, after_pool: bool = False
+                      ) -> list[torch.Tensor]:
+        """The encoder stage on transformers' Qwen2AudioEncoder, written from its forward:
+        the stock 30 s window with its padding mask through layers 0..E; per audio, the real
+        positions merged into ``2 num_kept(tokens, keep_ratio)`` groups (``merge_fn(h, sizes)``
+        replaces the merge: tests); layers E+1.. on them alone, the stride-2 pool, the norm.
+        ``after_pool`` (a wrong variant): merge the pooled tokens instead. Returns the encoder
+        output of each audio, (K_i, d_model)."""
+        tower = self.model.model.audio_tower
+        mask, feat_lens, out_lens = self._stock_mask(fmask, feats.shape[-1], feats.dtype)
+        x = torch.nn.functional.gelu(tower.conv1(feats.to(tower.conv1.weight.dtype)))
+        x = torch.nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)
+        h = x + tower.embed_positions.weight
+        layers = list(tower.layers)
+        for layer in layers[: merge_layer + 1]:
+            h = _layer_out(layer(h, mask))
+        out = []
+        for i in range(h.shape[0]):
+            k = pooling.num_kept(int(out_lens[i]), keep_ratio)
+            mid = h[i, : int(feat_lens[i])] if not after_pool else h[i : i + 1]
+            if after_pool:  # wrong: the stock encoder to the end, the merge on its tokens
+                for layer in layers[merge_layer + 1 :]:
+                    mid = _layer_out(layer(mid, mask[i : i + 1]))
+                tokens = tower.layer_norm(tower.avg_pooler(mid.permute(0, 2, 1)).permute(0, 2, 1))[0]
+                tokens = tokens[: int(out_lens[i])]
+                out.append(pooling.merge(tokens, pooling.group_sizes(tokens, k, method, window)))
+                continue
+            sizes = pooling.group_sizes(mid, 2 * k, method, window)
+            g = (merge_fn or pooling.merge)(mid, sizes)[None]
+            for layer in layers[merge_layer + 1 :]:
+                g = _layer_out(layer(g, None))
+            out.append(tower.layer_norm(tower.avg_pooler(g.permute(0, 2, 1)).permute(0, 2, 1))[0])
+        return out
+
+    def _embed_waves(self, waves: list[np.ndarray], encoder_real_length: bool,
+                     encoder_stage: dict | None = None) -> list[torch.Tensor]:
         feats, fmask = self.features(waves)
         tower = self.model.model.audio_tower
+        if encoder_stage is not None:
+            proj = self.model.model.multi_modal_projector
+            return [proj(t) for t in self.encode_merged(feats, fmask, **encoder_stage)]
         if encoder_real_length:
             from vllm_affinity.encoder import encode_real_length
 
             proj = self.model.model.multi_modal_projector
             return [proj(encode_real_length(tower, f, int(m.sum()))) for f, m in zip(feats, fmask)]
-        feat_lens, out_lens = tower._get_feat_extract_output_lengths(fmask.sum(-1))
-        b, _, max_mel = feats.shape
-        max_seq = (max_mel - 2) // 2 + 1
-        valid = torch.arange(max_seq)[None, :] < feat_lens[:, None]
-        mask = create_bidirectional_mask(
-            config=tower.config,
-            inputs_embeds=torch.zeros(b, max_seq, 1, dtype=feats.dtype),
-            attention_mask=valid.long(),
-        )
+        mask, _, out_lens = self._stock_mask(fmask, feats.shape[-1], feats.dtype)
+        b = feats.shape[0]
         hidden = tower(feats, attention_mask=mask).last_hidden_state
         proj = self.model.model.multi_modal_projector(hidden)
         return [proj[i, : int(out_lens[i])] for i in range(b)]
@@ -90,11 +140,18 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
         *,
         encoder_real_length: bool = False,
         long_audio: Literal["truncate", "windows"] = "truncate",
+        encoder_stage: dict | None = None,
         **kw,
     ) -> ReferenceOutput:
         """Greedy decoding; ``prompt`` holds one ``<|AUDIO|>`` per audio (unexpanded).
-        ``encoder_real_length`` / ``long_audio`` as the plugin's switches; every other
+        ``encoder_real_length`` / ``long_audio`` as the plugin's switches, ``encoder_stage``
+        the keyword arguments of :meth:`encode_merged`; every other
         argument (pooling, deep stage, wrong-variant hooks) is :meth:`ReferenceSpeechLM.generate`'s."""
         return super().generate(
-            prompt, audios, encoder_real_length=encoder_real_length, long_audio=long_audio, **kw
+            prompt, audios, encoder_real_length=encoder_real_length, long_audio=long_audio,
+            encoder_stage=encoder_stage, **kw
         )
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, tuple) else out
