@@ -125,11 +125,21 @@ def lm_prefill_flops(text_cfg: dict, tokens: int, deep_layer: int | None = None,
     return total + 2 * h * text_cfg["vocab_size"]
 
 
-def whisper_encoder_flops(audio_cfg: dict, positions: int, lm_hidden: int, mel_bins: int = 128) -> float:
+def whisper_encoder_flops(audio_cfg: dict, positions: int, lm_hidden: int, mel_bins: int = 128,
+                          merge_layer: int | None = None, merged: int | None = None) -> float:
     """FLOPs of a Whisper-style encoder on ``positions`` (after conv2) plus Qwen2-Audio's
     linear projector on the average-pooled half: the two convolutions, per layer the
-    projections and MLP, and full (non-causal) attention."""
+    projections and MLP, and full (non-causal) attention (quadratic in the positions a layer
+    sees, so short clips on the stock 30 s window pay for all 1500). With the encoder stage
+    (``merge_layer`` E, ``merged`` positions after it), layers E+1.. see ``merged`` positions."""
     d, ffn, layers = audio_cfg["d_model"], audio_cfg["encoder_ffn_dim"], audio_cfg["encoder_layers"]
     conv = 2 * (3 * mel_bins * d * positions * 2 + 3 * d * d * positions)
-    per_layer = 2 * positions * (4 * d * d + 2 * d * ffn) + 2 * 2 * d * positions * positions
-    return conv + layers * per_layer + 2 * d * lm_hidden * positions // 2
+
+    def per_layer(p: int) -> int:
+        return 2 * p * (4 * d * d + 2 * d * ffn) + 2 * 2 * d * p * p
+
+    if merge_layer is None:
+        return conv + layers * per_layer(positions) + 2 * d * lm_hidden * positions // 2
+    before = merge_layer + 1
+    return (conv + before * per_layer(positions) + (layers - before) * per_layer(merged)
+            + 2 * d * lm_hidden * merged // 2)
