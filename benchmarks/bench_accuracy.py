@@ -127,9 +127,9 @@ VARIANTS = {
     "uniform+sw": ("uniform", True, "fixed", None),
     "affinity voiced": ("affinity", False, "voiced", None),
     "affinity+sw voiced": ("affinity", True, "voiced", None),
-    **{f"encoder E={e} {r:g}": ("affinity", False, "fixed", (e, r)) for e in (1, -2) for r in (0.5, 0.25)},
+    **{f"encoder E={e} {r:g}": ("affinity", False, "fixed", (e, r)) for e in (1, 2, -2) for r in (0.5, 0.25)},
     # the encoder stage with size-weighted cross-attention (sizes in original frames)
-    **{f"encoder E={e} {r:g} +sw": ("affinity", True, "fixed", (e, r)) for e in (1, -2) for r in (0.5, 0.25)},
+    **{f"encoder E={e} {r:g} +sw": ("affinity", True, "fixed", (e, r)) for e in (1, 2, -2) for r in (0.5, 0.25)},
 }
 #: the defaults of --variants (the encoder-stage ones are asked for by name: issue 13's sweep)
 DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[3] is None]
