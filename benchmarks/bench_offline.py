@@ -90,6 +90,20 @@ def paper_merge_layer(num_layers: int) -> int:
     return min(num_layers - 2, round(PAPER_MERGE_LAYER * num_layers / PAPER_LAYERS))
 
 
+def runnable_shape(shape: str, cpu: dict) -> str:
+    """``shape``, or ``7b-fp32`` for ``7b`` on a CPU without native bf16 (there a bf16 7B
+    engine never reaches its first token: bf16 matmuls hundreds of times slower than fp32)."""
+    if shape == "7b" and not (cpu["bf16_native"] or cpu.get("bf16_fast")):
+        print(f"no native bf16 ({cpu['bf16_basis']}): running --shape 7b-fp32 instead (7B widths, "
+              f"{SEVEN_B_FP32['text_config']['num_hidden_layers']} LM layers, the whole audio encoder, fp32)")
+        return "7b-fp32"
+    return shape
+
+
+def shape_dtype(shape: str) -> str:
+    return "bfloat16" if shape == "7b" else "float32"
+
+
 def resolve_spec(variant: str, num_layers: int, encoder_layers: int):
     """The variant's SPEC as a dict for a model of ``num_layers`` LM layers (None: stock).
     Presets are read from configs/; the deep merge layer is moved to the paper's relative
@@ -244,7 +258,7 @@ def merge_timings(job: dict, llm) -> dict[str, float]:
     out = {}
     for secs in job["clips"]:
         st = audio_stages(job["spec"], float(secs), hf.text_config.num_hidden_layers)
-        n, k_in, k_deep = st["n"], st["k_in"], st["k_deep"]
+        k_in, k_deep = st["k_in"], st["k_deep"]
         cfg = load_cfg(job["spec"])
         x_in = torch.randn(st["k_enc"], hidden, dtype=dtype)
         x_deep = torch.randn(k_in, hidden, dtype=dtype)
@@ -332,17 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     cpu = probe_cpu()
     print(f"CPU: {cpu['cpu_model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags_found']) or '-'}; "
           f"bf16 native: {cpu['bf16_native']} ({cpu['bf16_basis']})")
-    if a.shape == "7b" and not (cpu["bf16_native"] or cpu.get("bf16_fast")):
-        # bf16 would never reach a first token here: the 7B widths in fp32 with fewer LM layers
-        print(f"no native bf16 ({cpu['bf16_basis']}): running --shape 7b-fp32 instead (7B widths, "
-              f"{SEVEN_B_FP32['text_config']['num_hidden_layers']} LM layers, the whole audio encoder, fp32)")
-        a.shape = "7b-fp32"
+    a.shape = runnable_shape(a.shape, cpu)
     a.cpu = cpu
     model = build_model(a.shape)
     cfg = json.loads((model / "config.json").read_text())
     clips = make_clips(a.buckets)
     kv_bytes = int((a.kv_gib or (1.0625 if a.shape.startswith("7b") else 0.5)) * 2**30)
-    dtype = "bfloat16" if a.shape == "7b" else "float32"
+    dtype = shape_dtype(a.shape)
     n_layers = cfg["text_config"]["num_hidden_layers"]
     a.specs = {v: resolve_spec(v, n_layers, cfg["audio_config"]["encoder_layers"]) for v in a.variants}
     warmup_clip = make_clips([2.0])[2.0]

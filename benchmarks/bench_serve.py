@@ -33,7 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_offline import SHAPES, build_model, make_clips, pct, resolve_spec  # noqa: E402
+from benchmarks.bench_offline import (  # noqa: E402
+    SHAPES, build_model, make_clips, pct, resolve_spec, runnable_shape, shape_dtype,
+)
 
 VARIANTS = ("stock", "paper-aggressive", "paper-aggressive+encoder", "input-only")
 
@@ -129,15 +131,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = probe_cpu()
     print(f"CPU: {cpu['cpu_model']}, {cpu['cores']} cores, bf16 native: {cpu['bf16_native']} ({cpu['bf16_basis']})")
-    if a.shape == "7b" and not (cpu["bf16_native"] or cpu.get("bf16_fast")):
-        print("no native bf16: running --shape 7b-fp32 instead (7B widths, 8 LM layers, fp32)")
-        a.shape = "7b-fp32"
+    a.shape = runnable_shape(a.shape, cpu)
     model = build_model(a.shape)
     cfg = json.loads((model / "config.json").read_text())
     specs = {v: resolve_spec(v, cfg["text_config"]["num_hidden_layers"], cfg["audio_config"]["encoder_layers"])
              for v in a.variants}
     clip = make_clips([a.seconds])[a.seconds]
-    dtype = "bfloat16" if a.shape == "7b" else "float32"
+    dtype = shape_dtype(a.shape)
     rows = [run_variant(v, specs[v], model, clip, a, dtype) for v in a.variants]
     stock = next((r for r in rows if r["variant"] == "stock"), None)
     from benchmarks.report import write_report
