@@ -49,9 +49,6 @@ class Arch:
     logprob_tol: float = LOGPROB_TOL
     transcription: bool = False  # vLLM's class implements SupportsTranscription
     omni: bool = False  # a Qwen Omni thinker (M-RoPE; use_audio_in_video refused)
-    #: its audio states are smooth: the lag-1 cosine is the max of every affinity window, so the
-    #: window changes no group (Qwen2.5-Omni's encoder average-pools pairs of frames)
-    window_blind: bool = False
 
     def ok(self, parity) -> bool:
         return parity.same_prompt and parity.same_tokens and parity.max_logprob_diff <= self.logprob_tol
@@ -66,7 +63,7 @@ ARCHS = {
                      transcription=True),
     # M-RoPE; vLLM encodes audio over 30 s whole (25 tokens per second)
     "qwen25omni": Arch("Qwen2.5-Omni", "tiny_qwen25omni", "ReferenceQwen25Omni", "<|audio_bos|>", 1125, 4 * 750,
-                       omni=True, window_blind=True),
+                       omni=True),
     # MoE decoder, chunked encoder like Qwen3-ASR's (13 tokens per second, whole audio)
     "qwen3omni": Arch("Qwen3-Omni", "tiny_qwen3omni", "ReferenceQwen3Omni", "<|audio_start|>", 45 * 13, 4 * 390,
                       omni=True, transcription=True),
@@ -149,6 +146,35 @@ def _ref(reference, prompt, clip, **kw):
     return reference.generate(prompt, [load_audio(clip)], max_new_tokens=MAX_NEW, **kw)
 
 
+
+#: the smallest exact-count cut margin (pooling.cut_margin) a fixture checkpoint may have on the
+#: test clips: vLLM and the reference compute the affinity scores with different kernels, and
+#: at a margin of 2.4e-7 (the tiny Qwen3-ASR before tiny.amplify_audio_frontend) they chose
+#: different groups for the 45 s clip on one CPU and not on another
+MIN_CUT_MARGIN = 5e-5
+
+
+def test_checkpoint_cut_points_are_not_ties(hf_ref, clips3, prompt, model):
+    """Every exact-count choice the parity tests make (input stage at each ratio, the deep
+    stage's spans) is far from a tie on this checkpoint, so the parity tests below test the
+    implementation, not the rounding of a near-tie."""
+    margins = []
+    for clip in clips3:
+        audio = load_audio(clip)
+        for e in hf_ref.audio_embeddings([audio]):
+            margins += [(P.cut_margin(e, P.num_kept(e.shape[0], r)), f"{clip.name} input {r}") for r in RATIOS]
+
+        def deep_pool_fn(x, name=clip.name):
+            k = P.num_kept(x.shape[0], DEEP_REF["deep_keep_ratio"])
+            margins.append((P.cut_margin(x, k, 3), f"{name} deep"))
+            return P.group_sizes(x, k, "affinity", 3)
+
+        hf_ref.generate(prompt, [audio], max_new_tokens=1, deep_pool_fn=deep_pool_fn, **DEEP_REF)
+    worst = min(margins)
+    assert worst[0] >= MIN_CUT_MARGIN, (
+        f"{model.name}: exact-count cut margin {worst[0]:.2e} at {worst[1]} is a near-tie; "
+        f"a stale checkpoint? delete {model} and rerun (the builder amplifies the audio front end)")
+
 def test_off_is_stock(runs, clips3):
     stock, off = runs["stock"]["results"], runs["off"]["results"][: len(clips3)]
     assert "vllm-affinity" not in runs["stock"]["log"]
@@ -206,17 +232,10 @@ WRONG = {
 
 @pytest.mark.parametrize("variant", list(WRONG))
 def test_wrong_pooling_is_rejected(runs, clips3, hf_ref, prompt, variant, arch):
-    """The parity check is sensitive: each deliberately wrong pooling fails it.
-
-    Exception, proven rather than skipped: on a model whose audio states are smooth (the lag-1
-    cosine is the largest of every window, ``Arch.window_blind``) the affinity window cannot
-    change a single group, so "deep window 1" must give the right answer there."""
+    """The parity check is sensitive: each deliberately wrong pooling fails it."""
     diffs = [json_compare(r, _ref(hf_ref, prompt, clip, **WRONG[variant]))
              for clip, r in zip(clips3, runs["deep"]["results"])]
     print(f"\n{arch.name} wrong pooling '{variant}': max |dlogprob| {max(p.max_logprob_diff for p in diffs):.2e}")
-    if variant == "deep window 1" and arch.window_blind:
-        assert all(arch.ok(p) for p in diffs), [str(p) for p in diffs]
-        return
     assert not any(arch.ok(p) for p in diffs), [str(p) for p in diffs]
     assert max(p.max_logprob_diff for p in diffs) > 10 * arch.logprob_tol
 

@@ -101,6 +101,24 @@ def exact_count_sizes(x: torch.Tensor, k: int, window: int = 1) -> torch.Tensor:
     return sizes_from_cuts(n, cuts)
 
 
+
+def cut_margin(x: torch.Tensor, k: int, window: int = 1) -> float:
+    """How far exact-count affinity grouping of ``x`` into ``k`` groups is from a tie: the
+    gap between the highest score that is cut and the lowest that joins (``inf`` when there
+    is no choice, k == 1 or k == n).
+
+    Two implementations of the same model agree on the groups only when their affinity
+    scores differ by less than this; a margin near fp32 rounding (~1e-7) means the groups
+    are chosen by rounding, not by the audio. Tests check their fixture checkpoints with it.
+    """
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if k in (1, n):
+        return math.inf
+    ordered = torch.sort(affinity_scores(x, window)[1:].cpu()).values
+    return float(ordered[k - 1] - ordered[k - 2])
+
 def threshold_sizes(x: torch.Tensor, tau: float, window: int = 1) -> torch.Tensor:
     """The paper's left-to-right scan: join the current group iff max cos to its last
     ``window`` members is > ``tau``. Returns data-dependent group sizes."""

@@ -245,6 +245,27 @@ def init_model(model_cls, config, seed: int):
     return model_cls(config).float().eval()
 
 
+
+def amplify_audio_frontend(model, gains: dict[str, float]) -> None:
+    """Multiply the weights of the audio encoder's convolution front end (``gains``: child
+    module name of the ``audio_tower`` -> factor).
+
+    Why: at random init (std 0.02) three or four stacked convolutions leave the audio
+    content about 1e-3 of the encoder's sinusoidal positions, so every frame looks alike
+    (adjacent cosines 0.94-0.96 on the tiny Qwen3-ASR) and the exact-count cut points are
+    fp32 ties (:func:`vllm_affinity.pooling.cut_margin` 2e-7): vLLM and the reference then
+    pick different groups by rounding, on one CPU and not another. With the gain the
+    audio sets the frames (median cosine ~0.7) and the margins of the test clips are
+    >= 1e-4 (``tests/test_adapters.py::test_checkpoint_cut_points_are_not_ties``)."""
+    import torch
+
+    towers = [m for name, m in model.named_modules() if name.endswith("audio_tower")]
+    if len(towers) != 1:
+        raise RuntimeError(f"expected one audio_tower in {type(model).__name__}, found {len(towers)}")
+    with torch.no_grad():
+        for name, gain in gains.items():
+            getattr(towers[0], name).weight.mul_(gain)
+
 def check_reload(model_cls, model_dir: str | Path, expected: dict | None = None, *, tied: tuple[str, str] | None = None) -> None:
     """transformers reloads ``model_dir`` as ``model_cls`` with no missing, unexpected or
     mismatched keys (and, given ``expected``, the very same tensors; given ``tied``, a
