@@ -14,11 +14,22 @@ import torch
 from vllm_affinity import pooling as P
 
 from .conftest import MAX_NEW, N_LOGPROBS, PROMPT, load_audio
-from .parity import vllm_compare
+from .parity import MIN_CUT_MARGIN, vllm_compare
 
 pytestmark = pytest.mark.engine
 
 RATIOS = (1.0, 0.74, 0.5, 0.25)
+
+
+
+def test_checkpoint_cut_points_are_not_ties(reference, clips):
+    """The input-stage choices the parity tests below make are far from a tie on the tiny
+    Qwen2-Audio (see parity.MIN_CUT_MARGIN)."""
+    margins = [(P.cut_margin(e, P.num_kept(e.shape[0], r)), f"{c.name} {r}")
+               for c in clips for e in reference.audio_embeddings([load_audio(c)]) for r in RATIOS]
+    worst = min(margins)
+    print(f"\nsmallest cut margin {worst[0]:.2e} ({worst[1]}) of {len(margins)} choices")
+    assert worst[0] >= MIN_CUT_MARGIN, f"exact-count cut margin {worst[0]:.2e} at {worst[1]} is a near-tie"
 
 
 def _sampling():
