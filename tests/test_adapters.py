@@ -146,7 +146,6 @@ def _ref(reference, prompt, clip, **kw):
     return reference.generate(prompt, [load_audio(clip)], max_new_tokens=MAX_NEW, **kw)
 
 
-
 def test_checkpoint_cut_points_are_not_ties(hf_ref, clips3, prompt, model):
     """Every exact-count choice the parity tests make (input stage at each ratio, the deep
     stage's spans) is far from a tie on this checkpoint, so the parity tests below test the
@@ -168,6 +167,7 @@ def test_checkpoint_cut_points_are_not_ties(hf_ref, clips3, prompt, model):
     assert worst[0] >= MIN_CUT_MARGIN, (
         f"{model.name}: exact-count cut margin {worst[0]:.2e} at {worst[1]} is a near-tie; "
         f"a stale checkpoint? delete {model} and rerun (the builder amplifies the audio front end)")
+
 
 def test_off_is_stock(runs, clips3):
     stock, off = runs["stock"]["results"], runs["off"]["results"][: len(clips3)]
