@@ -21,7 +21,6 @@ pytestmark = pytest.mark.engine
 RATIOS = (1.0, 0.74, 0.5, 0.25)
 
 
-
 def test_checkpoint_cut_points_are_not_ties(reference, clips):
     """The input-stage choices the parity tests below make are far from a tie on the tiny
     Qwen2-Audio (see parity.MIN_CUT_MARGIN)."""

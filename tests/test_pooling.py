@@ -104,7 +104,6 @@ def test_exact_count_cuts_lowest_affinity_ties_lower_index_first():
     assert P.exact_count_sizes(x, 3, 1).tolist() == [2, 2, 2]
 
 
-
 def test_cut_margin_is_the_gap_between_last_cut_and_first_join():
     # unit vectors at angles 0, 0.1, 0.5, 0.6, 1.6 rad: scores cos(0.1), cos(0.4), cos(0.1), cos(1.0)
     ang = torch.tensor([0.0, 0.1, 0.5, 0.6, 1.6])
@@ -117,6 +116,7 @@ def test_cut_margin_is_the_gap_between_last_cut_and_first_join():
     assert P.cut_margin(x, 1) == P.cut_margin(x, 5) == math.inf
     with pytest.raises(ValueError, match="k must be in"):
         P.cut_margin(x, 0)
+
 
 def test_k_equals_n_is_identity():
     x = torch.randn(7, 3)

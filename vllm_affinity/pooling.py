@@ -101,7 +101,6 @@ def exact_count_sizes(x: torch.Tensor, k: int, window: int = 1) -> torch.Tensor:
     return sizes_from_cuts(n, cuts)
 
 
-
 def cut_margin(x: torch.Tensor, k: int, window: int = 1) -> float:
     """How far exact-count affinity grouping of ``x`` into ``k`` groups is from a tie: the
     gap between the highest score that is cut and the lowest that joins (``inf`` when there
@@ -118,6 +117,7 @@ def cut_margin(x: torch.Tensor, k: int, window: int = 1) -> float:
         return math.inf
     ordered = torch.sort(affinity_scores(x, window)[1:].cpu()).values
     return float(ordered[k - 1] - ordered[k - 2])
+
 
 def threshold_sizes(x: torch.Tensor, tau: float, window: int = 1) -> torch.Tensor:
     """The paper's left-to-right scan: join the current group iff max cos to its last

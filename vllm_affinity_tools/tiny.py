@@ -245,7 +245,6 @@ def init_model(model_cls, config, seed: int):
     return model_cls(config).float().eval()
 
 
-
 def amplify_audio_frontend(model, gains: dict[str, float]) -> None:
     """Multiply the weights of the audio encoder's convolution front end (``gains``: child
     module name of the ``audio_tower`` -> factor).
@@ -265,6 +264,7 @@ def amplify_audio_frontend(model, gains: dict[str, float]) -> None:
     with torch.no_grad():
         for name, gain in gains.items():
             getattr(towers[0], name).weight.mul_(gain)
+
 
 def check_reload(model_cls, model_dir: str | Path, expected: dict | None = None, *, tied: tuple[str, str] | None = None) -> None:
     """transformers reloads ``model_dir`` as ``model_cls`` with no missing, unexpected or
