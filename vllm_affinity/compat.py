@@ -7,7 +7,11 @@ releases. :data:`SEAMS` lists each one with the parameters the plugin relies on;
 :func:`check` verifies them against the running vLLM and fails naming the seam, so a
 vLLM whose seams moved stops at start-up instead of misbehaving later.
 
-Supported: vLLM 0.32.0 (CPU and GPU) and 0.33.0 (GPU only: no CPU build exists).
+Supported: vLLM 0.32.0 (CPU and GPU), 0.33.0 and 0.34.0 (GPU only: no CPU build exists).
+vLLM 0.34 deleted the V1 model runner the deep stage hooks into (``gpu_model_runner.py``), so
+the seams only the deep stage uses (``Seam.deep``) are checked apart, by
+:func:`check_deep_stage`, when a SPEC has a deep stage: on 0.34 the input and encoder stages
+run and a deep stage is refused at start-up with a message that says why.
 Version-dependent behaviour lives here too:
 
 * :func:`fail_requests`: ``Scheduler.grammar_compile_error_reqs`` is a ``set[str]`` in
@@ -23,10 +27,12 @@ import inspect
 from dataclasses import dataclass, fields
 
 #: releases checked against (CI: 0.32.0 on CPU; 0.33.0 from its source, tests/test_compat.py)
-SUPPORTED_VLLM = ("0.32.0", "0.33.0")
+SUPPORTED_VLLM = ("0.32.0", "0.33.0", "0.34.0")
+#: the releases whose model runner the deep stage hooks into (0.34 has no V1 runner)
+DEEP_STAGE_VLLM = ("0.32.0", "0.33.0")
 #: [lowest, first refused) release series: other patch releases inside start with a warning
 #: when every seam checks out (pyproject's gpu extra admits the same range)
-SUPPORTED_RANGE = ((0, 32, 0), (0, 34, 0))
+SUPPORTED_RANGE = ((0, 32, 0), (0, 35, 0))
 
 
 class VllmSeamError(RuntimeError):
@@ -44,40 +50,48 @@ class Seam:
     #: vllm.v1.worker.cpu_worker replaces torch.cuda events/streams and memory queries with
     #: CPU stand-ins (vllm.v1.worker.cpu.shm), so it must never be imported on a GPU host.
     platform: str | None = None
+    #: used by the deep stage only (its runner, worker, scheduler and KV manager hooks):
+    #: checked by :func:`check_deep_stage` when a SPEC has a deep stage, not at register()
+    deep: bool = False
+
+
+def _deep(where: str, params: tuple[str, ...] | None = None, why: str = "", platform: str | None = None) -> Seam:
+    return Seam(where, params, why, platform, deep=True)
 
 
 SEAMS: tuple[Seam, ...] = (
     # deep stage, worker side (engine/runner.py)
-    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner._get_slot_mappings",
-         ("num_tokens_padded", "num_reqs_padded", "num_tokens_unpadded", "ubatch_slices"),
-         "compacted KV slots of the layers above the merge"),
-    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner._build_attention_metadata",
-         ("num_tokens", "num_reqs", "max_query_len"), "compacted attention metadata of the deep layers"),
-    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward",
-         ("input_ids", "positions", "intermediate_tensors", "inputs_embeds"), "hands the step's spans to the model"),
-    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model", ("scheduler_output",)),
-    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens", ("grammar_output",)),
-    Seam("vllm.v1.worker.cpu_model_runner:CPUModelRunner.__init__", ("vllm_config", "device"), platform="cpu"),
-    Seam("vllm.v1.worker.cpu_worker:CPUWorker.init_device", (), platform="cpu"),
-    Seam("vllm.v1.worker.gpu_worker:Worker.init_device", (), platform="gpu"),
-    Seam("vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__", ("vllm_config", "device")),
-    Seam("vllm.v1.attention.backend:CommonAttentionMetadata"),
-    Seam("vllm.v1.worker.utils:AttentionGroup.build_metadata", ("common_attn_metadata",)),
+    _deep("vllm.v1.worker.gpu_model_runner:GPUModelRunner._get_slot_mappings",
+          ("num_tokens_padded", "num_reqs_padded", "num_tokens_unpadded", "ubatch_slices"),
+          "compacted KV slots of the layers above the merge"),
+    _deep("vllm.v1.worker.gpu_model_runner:GPUModelRunner._build_attention_metadata",
+          ("num_tokens", "num_reqs", "max_query_len"), "compacted attention metadata of the deep layers"),
+    _deep("vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward",
+          ("input_ids", "positions", "intermediate_tensors", "inputs_embeds"), "hands the step's spans to the model"),
+    _deep("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model", ("scheduler_output",)),
+    _deep("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens", ("grammar_output",)),
+    _deep("vllm.v1.worker.cpu_model_runner:CPUModelRunner.__init__", ("vllm_config", "device"), platform="cpu"),
+    _deep("vllm.v1.worker.cpu_worker:CPUWorker.init_device", (), platform="cpu"),
+    _deep("vllm.v1.worker.gpu_worker:Worker.init_device", (), platform="gpu"),
+    _deep("vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__", ("vllm_config", "device")),
+    Seam("vllm.v1.attention.backend:CommonAttentionMetadata"),  # its fields: checked at register()
+    _deep("vllm.v1.worker.utils:AttentionGroup.build_metadata", ("common_attn_metadata",)),
     # deep stage, scheduler side (engine/scheduler.py, engine/kv.py)
-    Seam("vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
-         ("request", "num_computed_tokens", "num_new_tokens", "encoder_compute_budget"),
-         "keeps an audio span in one prefill chunk"),
-    Seam("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", ("scheduler_output", "model_runner_output"),
-         "fails a request whose merge failed"),
-    Seam("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.get_num_blocks_to_allocate",
-         ("request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
+    _deep("vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
+          ("request", "num_computed_tokens", "num_new_tokens", "encoder_compute_budget"),
+          "keeps an audio span in one prefill chunk"),
+    _deep("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", ("scheduler_output", "model_runner_output"),
+          "fails a request whose merge failed"),
+    _deep("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.get_num_blocks_to_allocate",
+          ("request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
           "num_local_computed_tokens", "num_tokens_main_model"), "allocates the compacted deep-group blocks"),
-    Seam("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.allocate_new_blocks",
-         ("request_id", "num_tokens", "num_tokens_main_model")),
+    _deep("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.allocate_new_blocks",
+          ("request_id", "num_tokens", "num_tokens_main_model")),
+    # register() registers the deep KV spec in every process, whatever the SPEC
     Seam("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered", ()),
     Seam("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register"),
     Seam("vllm.v1.kv_cache_interface:AttentionSpec"),
-    Seam("vllm.model_executor.layers.attention:Attention.get_kv_cache_spec", ("vllm_config",)),
+    _deep("vllm.model_executor.layers.attention:Attention.get_kv_cache_spec", ("vllm_config",)),
     # size-weighted attention (engine/size_weighted.py, adapters/whisper.py): padded-head layers
     Seam("vllm.model_executor.layers.attention:Attention.__init__", ("num_heads", "head_size", "scale", "num_kv_heads"),
          "a padded-head attention layer of the same name"),
@@ -219,7 +233,8 @@ def check_dataclass_fields(where: str, needed: tuple[str, ...], have: list[str],
 
 
 def check() -> None:
-    """Verify every seam against the running vLLM (called by ``register()``)."""
+    """Verify every seam but the deep stage's against the running vLLM (called by
+    ``register()``; the deep stage's: :func:`check_deep_stage`)."""
     import logging
 
     version = vllm_version()
@@ -234,11 +249,38 @@ def check() -> None:
             ", ".join(SUPPORTED_VLLM))
     platform = _platform()
     for seam in SEAMS:
-        if seam.platform in (None, platform):
+        if seam.platform in (None, platform) and not seam.deep:
             check_seam(seam)
     for where, needed in (("vllm.v1.attention.backend:CommonAttentionMetadata", COMMON_ATTENTION_FIELDS),
                           ("vllm.v1.kv_cache_interface:AttentionSpec", ATTENTION_SPEC_FIELDS)):
         check_dataclass_fields(where, needed, [f.name for f in fields(_resolve(where))], version)
+
+
+def _deep_stage_error(seam: Seam, version: str, detail: str) -> VllmSeamError:
+    return VllmSeamError(
+        f"vllm-affinity: the deep stage needs {seam.where}{' (' + seam.why + ')' if seam.why else ''}, which "
+        f"vLLM {version} {detail}: the deep stage hooks into vLLM's V1 model runner, which vLLM 0.34 removed. "
+        f"The input and encoder stages run on vLLM {version}; for the deep stage use vLLM "
+        f"{' or '.join(DEEP_STAGE_VLLM)}, or drop `deep` from the SPEC"
+    )
+
+
+def check_deep_stage() -> None:
+    """The deep stage's seams against the running vLLM (called by the config hook when the
+    SPEC has a deep stage, before any engine process starts)."""
+    version = vllm_version()
+    platform = _platform()
+    for seam in SEAMS:
+        if not seam.deep or seam.platform not in (None, platform):
+            continue
+        try:
+            obj = _resolve(seam.where)
+        except (ImportError, AttributeError):
+            raise _deep_stage_error(seam, version, "does not have") from None
+        try:
+            _compare(seam, _positional_names(obj) if seam.params is not None else None, version)
+        except VllmSeamError as exc:
+            raise _deep_stage_error(seam, version, f"has in another shape ({exc})") from None
 
 
 def _platform() -> str:
@@ -247,12 +289,15 @@ def _platform() -> str:
     return "cpu" if current_platform.is_cpu() else "gpu"
 
 
-def check_source_dump(dump: dict, version: str) -> None:
+def check_source_dump(dump: dict, version: str, deep: bool = True) -> None:
     """The same checks against a dump of another release's source
-    (``vllm_affinity_tools.vllm_seams``: releases that cannot be installed here)."""
+    (``vllm_affinity_tools.vllm_seams``: releases that cannot be installed here); ``deep``:
+    the deep stage's seams too (refused the way :func:`check_deep_stage` refuses them)."""
     for seam in all_seams():
+        if seam.deep and not deep:
+            continue
         if seam.where not in dump["seams"]:
-            raise _missing(seam, version)
+            raise _deep_stage_error(seam, version, "does not have") if seam.deep else _missing(seam, version)
         _compare(seam, dump["seams"][seam.where], version)
     check_dataclass_fields("vllm.v1.attention.backend:CommonAttentionMetadata", COMMON_ATTENTION_FIELDS,
                            dump["fields"]["vllm.v1.attention.backend:CommonAttentionMetadata"], version)

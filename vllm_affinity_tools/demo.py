@@ -110,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     deep = load_spec(json.loads(a.affinity) if a.affinity.lstrip().startswith("{") else a.affinity).deep
     print()
     print(f"audio: {audio} ({a.seconds:g} s)" if not a.audio else f"audio: {audio}")
-    print(f"answer: {pooled.choices[0].message.content!r}")
+    if a.model is None:
+        # the tiny model has random weights: its answer is arbitrary token ids, often bytes that
+        # are not even valid UTF-8; say so instead of letting it look like a broken server
+        print(f"answer (tiny random-weight model, meaningless by construction; the point is the token "
+              f"counts below): {pooled.choices[0].message.content!r}")
+    else:
+        print(f"answer: {pooled.choices[0].message.content!r}")
     print(f"audio tokens before: {n_audio}   after ({a.affinity}): {kept}   saved: {n_audio - kept} "
           f"({100 * (n_audio - kept) / max(n_audio, 1):.1f}%)")
     print(f"prompt tokens (usage.prompt_tokens): {full.usage.prompt_tokens} -> {pooled.usage.prompt_tokens}")

@@ -9,7 +9,7 @@ SRC_ROOT holds the ``vllm/`` package (e.g. the ``*.py`` files of a wheel:
 seam's ``where`` to the positional parameter names of the function (``self`` dropped), or
 ``null`` for a class / module attribute that exists, and holds the dataclass fields of
 ``CommonAttentionMetadata`` and ``AttentionSpec`` (inherited ones included).
-``tests/data/`` keeps the dump of 0.33.0.
+``tests/data/`` keeps the dumps of 0.33.0 and 0.34.0.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ class AffinityConfigHook(VerifyAndUpdateConfig):
         object.__setattr__(vllm_config.model_config, "_affinity_cache_config", vllm_config.cache_config)
         if cfg.deep is None:
             return
+        from .. import compat
+
+        compat.check_deep_stage()  # vLLM 0.34 has no V1 model runner: refused here, saying why
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         layer = cfg.deep.resolve_layer(num_layers)
         logger.info("vllm-affinity: deep stage merges after decoder layer %d of %d", layer, num_layers)

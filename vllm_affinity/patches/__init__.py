@@ -7,7 +7,7 @@ vLLM version it was written against (it refuses to apply to another one).
 from __future__ import annotations
 
 #: vLLM releases the patches were checked against (the bug each fixes is read in both)
-PATCHED_VLLM = ("0.32.0", "0.33.0")
+PATCHED_VLLM = ("0.32.0", "0.33.0", "0.34.0")
 
 
 def vllm_version_matches() -> bool:
