@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-bucket", type=float, default=30.0)
     p.add_argument("--e2e-tokens", type=int, default=128)
     p.add_argument("--timeout-min", type=float, default=60.0, help="per engine process")
+    p.add_argument("--warmup", choices=["every-bucket", "first-bucket"], default="every-bucket",
+                   help="untimed short chat per bucket, or on the first bucket only (eager 7B runs)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     cpu = probe_cpu()
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                    "run the encoder as stock)."])
         harness.run(bench, a.variants, a.buckets, clips, reps=a.reps, decode_tokens=a.decode_tokens,
                     e2e_bucket=a.e2e_bucket, e2e_tokens=a.e2e_tokens, cpu=cpu, out_dir=a.out,
-                    timeout_min=a.timeout_min,
+                    timeout_min=a.timeout_min, warmup_every_bucket=a.warmup == "every-bucket",
                     argv=["python", "benchmarks/bench_models.py", *(argv or sys.argv[1:])])
     return 0
 

@@ -171,6 +171,8 @@ def worker(job_path: str) -> None:
            "kv_groups": len(groups), "page_bytes_per_group": page_per_group, "warmup": {}, "buckets": {}}
     for secs, (wave, sr) in clips.items():  # one untimed short chat per bucket: first-call costs of every shape
         out["warmup"][str(secs)] = chat(f"w{secs:g}", wave, sr, secs, warmup=True)
+        if not job["warmup_every_bucket"]:
+            break
     for rep in range(job["reps"]):
         for secs, (wave, sr) in clips.items():
             out["buckets"].setdefault(str(secs), []).append(chat(f"b{secs:g}-{rep}", wave, sr, secs))
@@ -188,7 +190,8 @@ def variant_engine(bench: Bench, variant: str) -> tuple[dict, bool]:
 
 
 def run(bench: Bench, variants: list[str], buckets: list[float], clips: dict, *, reps: int, decode_tokens: int,
-        e2e_bucket: float, e2e_tokens: int, cpu: dict, out_dir: Path, timeout_min: float, argv: list[str]) -> dict:
+        e2e_bucket: float, e2e_tokens: int, cpu: dict, out_dir: Path, timeout_min: float, argv: list[str],
+        warmup_every_bucket: bool = True) -> dict:
     """Every variant in its own engine process, stock first and again at the end; the report."""
     from tqdm import tqdm
 
@@ -210,7 +213,7 @@ def run(bench: Bench, variants: list[str], buckets: list[float], clips: dict, *,
             "limit_mm": bench.limit_mm, "prompt": bench.prompt,
             "clips": {str(s): str(clips[s]) for s in buckets},
             "reps": reps, "decode_tokens": decode_tokens, "e2e_bucket": e2e_bucket, "e2e_tokens": e2e_tokens,
-            "seed": len(runs), "out": str(out_path),
+            "seed": len(runs), "out": str(out_path), "warmup_every_bucket": warmup_every_bucket,
         }))
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if not plugin:
@@ -231,7 +234,7 @@ def run(bench: Bench, variants: list[str], buckets: list[float], clips: dict, *,
                       if not callable(v)},
             "cpu": cpu, "command": " ".join(argv), "buckets": buckets, "reps": reps,
             "decode_tokens": decode_tokens, "e2e_bucket": e2e_bucket, "e2e_tokens": e2e_tokens,
-            "rows": rows, "runs": runs}
+            "warmup_every_bucket": warmup_every_bucket, "rows": rows, "runs": runs}
     write(bench, data, out_dir)
     return data
 
@@ -327,7 +330,8 @@ def write(bench: Bench, data: dict, out_dir: Path) -> None:
     specs = "; ".join(f"`{v}`: `{json.dumps(s)}`" for v, s in bench.specs.items() if s is not None)
     busy = max(r["other_cpu_per_s"] for r in runs)
     footer = "\n".join([
-        f"Medians [min–max] of {data['reps']} timed chats per cell (after one warm-up chat per bucket); "
+        f"Medians [min–max] of {data['reps']} timed chats per cell (after one short warm-up chat "
+        f"{'per bucket' if data['warmup_every_bucket'] else 'on the first bucket'}); "
         f"× = baseline median / variant median (> 1: faster than the baseline; for KV, variant / baseline). "
         f"(a), (b), (d) from turn 1 (fresh noise: no cache serves it), {data['decode_tokens']} output tokens "
         f"with ignore_eos, {data['e2e_tokens']} at the {data['e2e_bucket']:g} s bucket ((d) there only); "
