@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-layers", type=int, default=None, help="override the text layer count")
     p.add_argument("--encoder-layers", type=int, default=None, help="override the audio encoder layer count")
     p.add_argument("--kv-gib", type=float, default=None, help="KV cache budget (default 2 GiB; 0.25 scaled)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="engine max_model_len (default 4096; 2048 for a 7B-class bf16 model, as bench_offline's 7b)")
     p.add_argument("--mem-gib", type=float, default=None, help="memory budget (default MemTotal - 2 GiB)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--e2e-bucket", type=float, default=30.0)
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             stem=f"workloads_{key}" + ("_scaled" if a.scaled else ""),
             title=f"{model.title}{', scaled shape' if a.scaled else ''}", model=path, dtype=dtype, prompt=prompt,
             specs=specs, extras=extras(model, specs, cfg, samples, fe), limit_mm=model.limit_mm,
-            kv_bytes=int(kv_gib * 2**30),
+            kv_bytes=int(kv_gib * 2**30), max_model_len=a.max_model_len or (2048 if eager else 4096),
             machine_needs={"enforce_eager": True} if eager else {},
             machine_needs_why=(f"~{est:.0f} GiB estimated for this model: stock vLLM at its defaults was "
                                "OOM-killed on this 24 GiB machine kind while inductor compiled a 7B model "

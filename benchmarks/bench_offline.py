@@ -2,7 +2,8 @@
 
     python benchmarks/bench_offline.py [--shape scaled|7b|7b-fp32] [--buckets 10 30 60] [--reps 5]
                                        [--variants stock-eager-nopc off input-only paper-aggressive
-                                                   paper-aggressive+encoder input+encoder deep-only]
+                                                   paper-aggressive+encoder input+encoder deep-only
+                                                   input-only+align input+encoder+align]
                                        [--decode-tokens 32] [--e2e-tokens 128] [--out benchmarks/results]
 
 The workloads ((a) TTFT, (b) decode per token, (c) turn 2 of a chat that repeats the audio,
@@ -43,6 +44,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import CACHE, cpu_line, load_cfg, make_clips, probe_cpu  # noqa: E402
 
+#: input-only's input stage with ``kv_block_align: keep_more``
+ALIGNED_INPUT = {"keep_ratio": 0.7432, "window": 1, "method": "affinity", "kv_block_align": "keep_more"}
 SPECS = {
     "stock": None,  # VLLM_PLUGINS="": the plugin is not loaded at all; vLLM's defaults
     # the baseline the benchmarks used before issue 19 (eager, prefix caching off): an extra row
@@ -59,6 +62,11 @@ SPECS = {
     # the stages that need no runner hook: input 0.7432 + the encoder stage, no deep stage
     "input+encoder": {"preset": "input-only", "encoder": {"merge_layer": 15, "keep_ratio": 0.5}},
     "input-only": "input-only",
+    # issue 21: each audio drops a multiple of the KV block size (rounded down), so a chat's
+    # next turn recomputes the same uncached tail as stock
+    "input-only+align": {"preset": "input-only", "input": {**ALIGNED_INPUT}},
+    "input+encoder+align": {"preset": "input-only", "input": {**ALIGNED_INPUT},
+                            "encoder": {"merge_layer": 15, "keep_ratio": 0.5}},
     "deep-only": "deep-only",
 }
 SCALED = {
@@ -153,12 +161,12 @@ def encoder_flops(cfg: dict, positions: int, merge_layer: int | None = None, mer
                                  merge_layer=merge_layer, merged=merged)
 
 
-def audio_stages(spec, secs: float, num_layers: int) -> dict:
+def audio_stages(spec, secs: float, num_layers: int, block_size: int | None = None) -> dict:
     """Token counts of one audio of ``secs`` seconds through the stages: ``n`` (stock
     tokens), ``k_enc`` (after the encoder stage), ``k_in`` (input stage), ``k_deep`` (deep
     stage), ``deep_layer``; per window ``positions`` (encoder positions after conv2 the first
     layers see), ``real_positions`` and ``merged`` (positions after the encoder stage, or None)."""
-    from vllm_affinity.pooling import num_kept
+    from vllm_affinity.pooling import block_aligned_count, num_kept
 
     from vllm_affinity.encoder import MARGIN, encoder_output_lengths, encoder_stage_tokens, window_mel_frames
 
@@ -173,6 +181,8 @@ def audio_stages(spec, secs: float, num_layers: int) -> dict:
     merged = [2 * encoder_stage_tokens(f, enc.keep_ratio) for f in frames] if enc else [None] * len(frames)
     k_enc = sum(m // 2 for m in merged) if enc else n
     k_in = num_kept(k_enc, cfg.input.keep_ratio) if cfg.input else k_enc
+    if cfg.input and cfg.input.kv_block_align != "off":  # as the processor counts (adapters/base.py)
+        k_in = block_aligned_count(n, k_in, block_size, cfg.input.kv_block_align, most=k_enc)
     deep_layer = cfg.deep.resolve_layer(num_layers) if cfg.deep else None
     return dict(n=n, k_enc=k_enc, k_in=k_in, k_deep=num_kept(k_in, cfg.deep.keep_ratio) if cfg.deep else k_in,
                 deep_layer=deep_layer, positions=positions, merged=merged,
@@ -186,7 +196,7 @@ def extras(specs: dict, cfg: dict, n_layers: int):
     included), whether the variant sees only the first 30 s."""
     def columns(variant: str, secs: float, row: dict) -> dict:
         spec = specs.get(variant)
-        st = audio_stages(spec, secs, n_layers)
+        st = audio_stages(spec, secs, n_layers, row.get("block_size"))
         c = load_cfg(spec)
         enc_layer = c.encoder.resolve_layer(cfg["audio_config"]["encoder_layers"]) if c.encoder else None
         text = row["prompt_tokens"] - st["k_in"]
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed chats per cell (>= 5 for a result file)")
     p.add_argument("--variants", nargs="+", choices=[v for v in SPECS if v != "stock"],
                    default=["stock-eager-nopc", "off", "input-only", "paper-aggressive", "paper-aggressive+encoder",
-                            "input+encoder", "deep-only"])
+                            "input+encoder", "input-only+align", "input+encoder+align", "deep-only"])
+    p.add_argument("--tag", default="", help="suffix of the result files' stem (workloads_<shape><tag>)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--e2e-bucket", type=float, default=30.0)
     p.add_argument("--e2e-tokens", type=int, default=128)
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = {v: resolve_spec(v, n_layers, cfg["audio_config"]["encoder_layers"]) for v in ["stock", *variants]}
     big = a.shape.startswith("7b")
     bench = harness.Bench(
-        stem=f"workloads_{a.shape}", title=f"Qwen2-Audio, {a.shape} shape", model=model, dtype=shape_dtype(a.shape),
+        stem=f"workloads_{a.shape}{a.tag}", title=f"Qwen2-Audio, {a.shape} shape", model=model, dtype=shape_dtype(a.shape),
         prompt=PROMPT, specs=specs, baseline=lambda secs: "stock" if secs <= 30 else "windows-only",
         extras=extras(specs, cfg, n_layers), kv_bytes=int((a.kv_mib or (1088 if big else 512)) * 2**20),
         # 7B: what fits 24 GiB next to ~18 GiB of weights: 2048 positions (the 60 s chat's turn 2 is

@@ -265,6 +265,7 @@ def aggregate(bench: Bench, runs: list[dict], buckets: list[float], e2e_tokens: 
                 "turn2_cached_tokens": statistics.median(t["cached_tokens"] for t in t2),
                 "turn1_cached_tokens": max(t["cached_tokens"] for t in t1),
                 "kv_bytes": t1[0].get("kv_bytes"), "kv_blocks_per_group": t1[0].get("kv_blocks_per_group"),
+                "block_size": (r.get("flags") or {}).get("block_size"),
             }
         base_name = bench.baseline(secs)
         base = per.get(base_name)

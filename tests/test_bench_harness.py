@@ -84,3 +84,18 @@ def test_turn_two_repeats_turn_one_verbatim():
     prompt = "<|im_start|>user\nAudio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nHi<|im_end|>\n<|im_start|>assistant\n"
     t2 = harness.chat_turn2(prompt)
     assert t2.startswith(prompt) and t2.count("<|AUDIO|>") == 1 and t2.endswith("<|im_start|>assistant\n")
+
+
+def test_token_chain_counts_block_alignment_as_the_processor_does():
+    """The result files' "audio tokens" column for ``kv_block_align`` variants follows
+    ``pooling.block_aligned_count`` with the engine's block size (30 s: 750 -> 558, aligned 622;
+    with the encoder stage 375 -> 279, aligned 366)."""
+    from benchmarks.bench_offline import audio_stages, resolve_spec
+
+    for variant, plain, aligned in [("input-only", 558, 622), ("input+encoder", 279, 366)]:
+        spec = resolve_spec(variant, 12, 8)
+        spec_aligned = resolve_spec(variant.replace("input+encoder", "input+encoder+align")
+                                    .replace("input-only", "input-only+align"), 12, 8)
+        assert audio_stages(spec, 30.0, 12, 128)["k_in"] == plain
+        assert audio_stages(spec_aligned, 30.0, 12, 128)["k_in"] == aligned
+        assert (750 - aligned) % 128 == 0

@@ -201,6 +201,7 @@ BAD_SERVER_FIELDS = {
     "input.keep_ratio": {"input": {"keep_ratio": 0}},
     "input.window": {"input": {"keep_ratio": 0.5, "window": 0}},
     "input.method": {"input": {"keep_ratio": 0.5, "method": "random"}},
+    "input.kv_block_align": {"input": {"keep_ratio": 0.5, "kv_block_align": "yes"}},
     "deep.merge_layer": {"deep": {"merge_layer": "last", "keep_ratio": 0.2}},
     "deep.keep_ratio": {"deep": {"merge_layer": 1, "keep_ratio": 2}},
     "deep.window": {"deep": {"merge_layer": 1, "keep_ratio": 0.2, "window": -1}},

@@ -58,6 +58,13 @@ class InputStage(_Strict):
     silence_groups: int = Field(8, ge=0, le=4096, description="budget 'voiced': groups for the unvoiced tokens")
     voiced_db: float = Field(40.0, gt=0.0, le=120.0, description="budget 'voiced': a token is voiced "
                              "if its RMS is within this many dB of the audio's loudest token")
+    kv_block_align: Literal["off", "keep_more", "keep_fewer"] = Field(
+        "off", description="round each audio's dropped-token count to a multiple of the KV block "
+        "size, so the next turn of a chat (which repeats this prompt) recomputes the same uncached "
+        "tail as stock: vLLM's prefix cache hits whole blocks. 'keep_more' rounds the drop down "
+        "(at most block_size - 1 more tokens than keep_ratio gives, the same KV blocks saved), "
+        "'keep_fewer' rounds it up (at most block_size - 1 fewer). Decoder-only models only"
+    )
     size_weighted: bool = Field(
         False, description="attention that reads the merged rows weighs each by its group size: "
         "softmax(q.k/sqrt(d) + log size), exactly, via one extra head dimension padded to a head "
@@ -219,6 +226,7 @@ class AffinityConfig(_Strict):
             + (f", budget voiced (+{s.silence_groups} silence groups, {s.voiced_db:g} dB)"
                if s.budget == "voiced" else "")
             + (", size-weighted attention" if s.size_weighted else "")
+            + (f", dropped tokens aligned to the KV block ({s.kv_block_align})" if s.kv_block_align != "off" else "")
         )
         if self.encoder_real_length and real_length:
             parts.append("encoder on the real audio length")

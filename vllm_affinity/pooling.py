@@ -49,6 +49,46 @@ def num_kept(n: int, keep_ratio: float) -> int:
     return min(max(math.ceil(round(n * keep_ratio, 6)), 1), n)
 
 
+#: how :func:`block_aligned_count` rounds the number of dropped rows
+BlockAlign = Literal["off", "keep_more", "keep_fewer"]
+BLOCK_ALIGNS: tuple[str, ...] = ("off", "keep_more", "keep_fewer")
+
+
+def block_aligned_count(n: int, k: int, block_size: int, align: BlockAlign, *, most: int | None = None) -> int:
+    """K' for a span of ``n`` rows that pooling reduces to ``k``, such that the rows dropped
+    (``n - K'``) are a multiple of ``block_size``.
+
+    Why: vLLM's prefix cache hits whole KV blocks. A chat's next turn repeats this turn's
+    prompt, so it recomputes ``(prompt + answer) mod block_size`` tokens plus its own. When
+    every audio drops a multiple of the block size, that remainder is stock's, so the next
+    turn recomputes exactly what stock recomputes (and attends over a shorter context).
+
+    * ``keep_more``: round the drop down (the issue-21 formula ``n - bs*floor((n-k)/bs)``):
+      at most ``block_size - 1`` more rows than ``k``, the same number of KV blocks saved;
+    * ``keep_fewer``: round the drop up: at most ``block_size - 1`` rows fewer than ``k``;
+    * ``off``: ``k``.
+
+    ``most``: the rows that exist to keep (what an earlier merge, e.g. the encoder stage,
+    left; default ``n``). Where the rounding cannot hold (``keep_more`` above ``most``,
+    ``keep_fewer`` below 1 row) the count stays ``k``: a cache miss costs less than rows
+    the user did not ask to lose or cannot get back.
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n={n}], got {k}")
+    if align not in BLOCK_ALIGNS:
+        raise ValueError(f"align must be one of {BLOCK_ALIGNS}, got {align!r}")
+    if align == "off" or k == 0:
+        return k
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    most = n if most is None else min(most, n)
+    if align == "keep_more":
+        aligned = n - (n - k) // block_size * block_size
+        return aligned if aligned <= most else k
+    aligned = n - -(-(n - k) // block_size) * block_size
+    return aligned if aligned >= 1 else k
+
+
 def neighbour_cosines(x: torch.Tensor, window: int) -> torch.Tensor:
     """``C[t, j-1] = cos(x_t, x_{t-j})`` for j = 1..window, fp32, shape (n, window).
 

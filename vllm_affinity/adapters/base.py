@@ -259,13 +259,29 @@ class AffinityProcessorMixin:
         n = [self.stock_tokens(len(a)) for a in audios]
         if self.info.affinity.encoder is not None:  # the input stage pools what the encoder stage left
             # (the config refuses a voiced budget with an encoder stage)
-            return n, [pooling.num_kept(self.encoder_stage_tokens(len(a)), ratio) for a in audios]
+            left = [self.encoder_stage_tokens(len(a)) for a in audios]
+            return n, self._block_aligned(n, [pooling.num_kept(x, ratio) for x in left], left)
         if stage is None or stage.budget == "fixed":
-            return n, [pooling.num_kept(x, ratio) for x in n]
+            return n, self._block_aligned(n, [pooling.num_kept(x, ratio) for x in n], n)
         spt = facts.window_seconds * SAMPLE_RATE / facts.tokens_per_window
-        return n, [budget.kept_count(x, ratio, policy=stage.budget, wave=a, samples_per_token=spt,
-                                     silence_groups=stage.silence_groups, voiced_db=stage.voiced_db)
-                   for x, a in zip(n, audios)]
+        return n, self._block_aligned(n, [
+            budget.kept_count(x, ratio, policy=stage.budget, wave=a, samples_per_token=spt,
+                              silence_groups=stage.silence_groups, voiced_db=stage.voiced_db)
+            for x, a in zip(n, audios)], n)
+
+    def _block_aligned(self, n: list[int], kept: list[int], left: list[int]) -> list[int]:
+        """``input.kv_block_align``: each audio drops a multiple of the KV block size
+        (:func:`vllm_affinity.pooling.block_aligned_count`; ``left``: the rows the encoder
+        stage left, the most the input stage can keep)."""
+        stage = self.info.affinity.input
+        if stage is None or stage.kv_block_align == "off":
+            return kept
+        bs = self.block_size()
+        if not bs:  # the config hook did not run: no engine config to align to
+            raise RuntimeError("vllm-affinity: input.kv_block_align needs the KV block size, which the "
+                               "config hook hands to the processor; it did not run for this model")
+        return [pooling.block_aligned_count(m, k, bs, stage.kv_block_align, most=most)
+                for m, k, most in zip(n, kept, left)]
 
     def check_request(self, inputs):
         """Validate the request's kwargs and audios (ValueError: vLLM answers HTTP 400);

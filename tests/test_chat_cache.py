@@ -1,0 +1,128 @@
+"""Chat with audio and prefix caching (issue 21), the input stage: a follow-up turn that
+re-sends the audio recomputes exactly what stock recomputes when every audio drops a
+multiple of the KV block size (``input.kv_block_align``), and a cached audio item is never
+reused under another keep ratio.
+
+Counts are exact (vLLM's ``num_cached_tokens``), so the assertions do not depend on the
+machine. The wrong variant is the same SPEC without alignment: its follow-up turn
+recomputes a different number of tokens than stock, which the test requires (else the
+clips would not exercise the rounding at all).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_affinity import pooling as P
+
+from .conftest import PROMPT, run_engine_subprocess
+
+FOLLOW_UP = ("The speaker reads a short passage.<|im_end|>\n<|im_start|>user\n"
+             "Summarize it in one sentence.<|im_end|>\n<|im_start|>assistant\n")
+RATIO = 0.74
+CLIPS = (3, 4)  # 19.5 s and 30 s: 487 and 750 audio tokens; at 0.74 they drop 126 and 195
+
+
+def _chat(tiny_model, clips, tmp_path, spec, *, env=None, extra_chats=()):
+    job = {"task": "chat", "model": str(tiny_model), "prompt": PROMPT, "follow_up": FOLLOW_UP,
+           "max_tokens": 8, "chats": [{"audio": str(clips[i])} for i in CLIPS] + list(extra_chats)}
+    if spec is not None:
+        job["hf_overrides"] = {"affinity": spec}
+    return run_engine_subprocess(job, tmp_path, env=env)
+
+
+@pytest.fixture(scope="module")
+def stock_chat(tiny_model, clips, tmp_path_factory):
+    return _chat(tiny_model, clips, tmp_path_factory.mktemp("stock-chat"), None, env={"VLLM_PLUGINS": ""})
+
+
+def _uncached(chat: dict) -> int:
+    """Tokens turn 2 computes (its prompt less the prefix-cache hit)."""
+    return chat["turn2"]["prompt_tokens"] - chat["turn2"]["cached"]
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("align", ["keep_more", "keep_fewer"])
+def test_aligned_follow_up_turn_recomputes_what_stock_does(align, stock_chat, tiny_model, clips, tmp_path):
+    spec = {"input": {"keep_ratio": RATIO, "kv_block_align": align}}
+    other = {"audio": str(clips[CLIPS[1]]), "turn2_mm_processor_kwargs": {"affinity_keep_ratio": 0.5}}
+    run = _chat(tiny_model, clips, tmp_path, spec, extra_chats=[other])
+    bs = run["block_size"]
+    assert bs == stock_chat["block_size"]
+    drops = []
+    for chat, ref in zip(run["chats"], stock_chat["chats"]):
+        assert ref["turn2"]["cached"] > 0  # stock hits: the test would prove nothing otherwise
+        dropped = ref["turn1"]["prompt_tokens"] - chat["turn1"]["prompt_tokens"]
+        drops.append(dropped)
+        assert dropped >= 0 and dropped % bs == 0, (align, dropped, bs)
+        assert _uncached(chat) == _uncached(ref), (align, chat, ref)
+        # a hit computes what a fresh request computes
+        assert chat["turn2"]["token_ids"] == chat["turn2_uncached"]["token_ids"]
+        assert ref["turn2"]["token_ids"] == ref["turn2_uncached"]["token_ids"]
+    assert any(drops), drops  # keep_more at 19.5 s drops 126 -> 0 tokens, at 30 s 195 -> 128
+    # the same audio under another keep ratio never hits its blocks (the text before the
+    # audio is under one block, so nothing at all may hit)
+    assert run["chats"][-1]["turn2"]["cached"] == 0
+
+
+@pytest.mark.engine
+def test_unaligned_follow_up_turn_recomputes_another_tail(stock_chat, tiny_model, clips, tmp_path):
+    """The wrong variant: without alignment the clips drop a non-multiple of the block and
+    the follow-up recomputes a different tail than stock (what issue 21 measured)."""
+    run = _chat(tiny_model, clips, tmp_path, {"input": {"keep_ratio": RATIO}})
+    bs = run["block_size"]
+    differs = [_uncached(c) != _uncached(r) for c, r in zip(run["chats"], stock_chat["chats"])]
+    assert all(differs), (bs, run["chats"], stock_chat["chats"])
+    for chat in run["chats"]:
+        assert chat["turn2"]["cached"] > 0
+        assert chat["turn2"]["token_ids"] == chat["turn2_uncached"]["token_ids"]
+
+
+def test_block_aligned_count_rounds_the_drop():
+    # issue 21's formula, both directions, and the bounds that keep it a pooling
+    assert P.block_aligned_count(750, 555, 128, "keep_more") == 622
+    assert P.block_aligned_count(750, 555, 128, "keep_fewer") == 494
+    assert P.block_aligned_count(487, 361, 128, "keep_more") == 487  # drop 126 < one block: nothing dropped
+    assert P.block_aligned_count(487, 361, 128, "keep_fewer") == 359
+    assert P.block_aligned_count(750, 555, 128, "off") == 555
+    assert P.block_aligned_count(750, 555, 16, "keep_more") == 558  # GPU-sized blocks: <= 15 rows more
+    assert P.block_aligned_count(100, 10, 128, "keep_fewer") == 10  # rounding up would keep 0 rows
+    assert P.block_aligned_count(750, 300, 128, "keep_more", most=375) == 366
+    assert P.block_aligned_count(750, 375, 128, "keep_more", most=375) == 375  # cannot add rows back
+    assert P.block_aligned_count(750, 375, 128, "keep_fewer", most=375) == 366
+    assert P.block_aligned_count(5, 0, 128, "keep_more") == 0
+    for bad in [dict(n=5, k=6), dict(n=5, k=-1)]:
+        with pytest.raises(ValueError, match="k must be"):
+            P.block_aligned_count(bad["n"], bad["k"], 16, "keep_more")
+    with pytest.raises(ValueError, match="align must be"):
+        P.block_aligned_count(10, 5, 16, "down")
+    with pytest.raises(ValueError, match="block_size"):
+        P.block_aligned_count(10, 5, 0, "keep_more")
+
+
+@pytest.mark.parametrize("n", [1, 7, 128, 250, 487, 750, 1500])
+@pytest.mark.parametrize("bs", [1, 16, 32, 128])
+@pytest.mark.parametrize("align", ["keep_more", "keep_fewer"])
+def test_block_aligned_count_properties(n, bs, align):
+    for k in range(1, n + 1, max(1, n // 37)):
+        a = P.block_aligned_count(n, k, bs, align)
+        assert 1 <= a <= n
+        if align == "keep_more":
+            assert k <= a < k + bs and (n - a) % bs == 0
+        elif a != k:  # rounded up
+            assert k - bs < a < k and (n - a) % bs == 0
+        else:  # already aligned, or rounding up would leave no row
+            assert (n - k) % bs == 0 or n - k + bs - (n - k) % bs >= n
+
+
+def test_kv_block_align_is_validated_and_refused_for_whisper():
+    from vllm_affinity.architectures import facts_for
+    from vllm_affinity.config import AffinityConfigError, load_spec
+
+    with pytest.raises(AffinityConfigError, match=r"input\.kv_block_align"):
+        load_spec({"input": {"keep_ratio": 0.5, "kv_block_align": "down"}})
+    cfg = load_spec({"input": {"keep_ratio": 0.5, "kv_block_align": "keep_more"}})
+    assert facts_for("Qwen2AudioForConditionalGeneration").validate(cfg) is cfg
+    assert "aligned to the KV block (keep_more)" in cfg.describe()
+    with pytest.raises(AffinityConfigError, match=r"input\.kv_block_align is for decoder-only"):
+        facts_for("WhisperForConditionalGeneration").validate(cfg)
