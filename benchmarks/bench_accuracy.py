@@ -1,6 +1,6 @@
 """Accuracy benchmark: Affinity Pooling on real weights (Whisper tiny.en, base), through vLLM.
 
-    python benchmarks/bench_accuracy.py [--models tiny.en base] [--corpora espeak human]
+    python benchmarks/bench_accuracy.py [--models tiny.en base] [--corpora espeak human tune heldout]
                                         [--clips 40] [--ratios 1.0 0.74 0.5 0.25]
                                         [--taus 0.95 0.9 0.8 0.7] [--out benchmarks/results]
 
@@ -17,7 +17,11 @@ Corpora (``--corpora``, default ``espeak``), each reported on its own, never poo
   120-190 words/min, pauses of 0-1.5 s, 16 kHz), ``--clips`` of them (default 40);
 * ``human``: ``vllm_affinity_tools.asr.human_corpus`` (the 10 recordings of the Debian
   package pocketsphinx-testdata: 5 LibriVox utterances, 5 spoken card commands), the first
-  ``--clips`` of them. Only 10 clips: its intervals are wide.
+  ``--clips`` of them. Only 10 clips: its intervals are wide;
+* ``tune`` / ``heldout``: the two parts of the varied corpus (``vllm_affinity_tools.corpus``:
+  120 clips each of espeak-ng and Flite voices at three rates, with pauses, noise and reverb;
+  ``heldout`` adds the 10 human recordings; no text and no voice in both). Choose settings on
+  ``tune``, report them on ``heldout``. Rows there carry ΔWER per voice family (``by_family``).
 
 Rows, per (model, corpus):
 * **vLLM plugin** — ``{affinity, uniform} x keep ratio``: one engine per model and method
@@ -57,7 +61,12 @@ sys.path.insert(0, str(ROOT))
 
 PROMPT = "<|startoftranscript|><|notimestamps|>"  # English-only models (tiny.en)
 PROMPT_MULTILINGUAL = "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"  # base: English, transcribe
-CORPORA = ("espeak", "human")
+#: espeak / human: issue 13's corpora; tune / heldout: the two parts of the varied corpus
+#: (vllm_affinity_tools.corpus: espeak-ng + Flite voices, rates, pauses, noise, reverb; heldout
+#: adds the human recordings; no text or voice in both)
+CORPORA = ("espeak", "human", "tune", "heldout")
+CORPUS_WHAT = {"espeak": "espeak-ng clips", "human": "human recordings", "tune": "varied corpus, tuning part",
+               "heldout": "varied corpus, held-out part"}
 DEFAULT_MODEL, DEFAULT_CORPUS = "tiny.en", "espeak"
 MAX_TOKENS = 128
 FRAMES_PER_S = 50  # Whisper encoder output rate (1500 frames / 30 s)
@@ -191,11 +200,29 @@ def load_corpus(name: str, n: int):
 
     if name == "espeak":
         return asr.corpus(ROOT / ".cache" / "accuracy-clips", n)
+    if name in ("tune", "heldout"):
+        from vllm_affinity_tools import corpus
+
+        clips = corpus.build(ROOT / ".cache" / "corpus", split=name)
+        return [asr.Clip(Path(c.path), c.text, c.voice, 0, c.seconds) for c in clips][:n]
     return asr.human_corpus()[:n]
+
+
+def family(clip) -> str:
+    """The voice family of a clip: espeak, flite or human (the part of ``voice`` before ':')."""
+    return clip.voice.split(":", 1)[0] if ":" in clip.voice else "espeak"
 
 
 def corpus_note(name: str, clips) -> str:
     secs = sum(c.seconds for c in clips)
+    if name in ("tune", "heldout"):
+        fams = {}
+        for c in clips:
+            fams[family(c)] = fams.get(family(c), 0) + 1
+        return (f"{len(clips)} clips of the varied corpus's {name} part ({secs:.0f} s; "
+                + ", ".join(f"{v} {k}" for k, v in sorted(fams.items()))
+                + "; vllm_affinity_tools.corpus: rates, pauses, noise, reverb; no text or voice shared "
+                "with the other part). Per-family ΔWER in the JSON rows (by_family) and the table below.")
     if name == "espeak":
         return (f"{len(clips)} espeak-ng clips ({secs:.0f} s; Harvard sentences, 10 voices, "
                 "120-190 words/min, pauses 0-1.5 s).")
@@ -222,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", choices=list(CHECKPOINTS), default=[DEFAULT_MODEL],
                    help="Whisper checkpoints (ct2_whisper.CHECKPOINTS), default tiny.en")
     p.add_argument("--corpora", nargs="+", choices=CORPORA, default=[DEFAULT_CORPUS],
-                   help="espeak: the espeak-ng corpus; human: pocketsphinx-testdata (10 clips); default espeak")
-    p.add_argument("--clips", type=int, default=40, help="clips per corpus, at most (human has 10)")
+                   help="espeak: the espeak-ng corpus; human: pocketsphinx-testdata (10 clips); tune / heldout: "
+                        "the parts of the varied corpus (vllm_affinity_tools.corpus); default espeak")
+    p.add_argument("--clips", type=int, default=40, help="clips per corpus, at most (human has 10; tune 120, "
+                   "heldout 130)")
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.74, 0.5, 0.34, 0.25])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
                    help="server settings, one engine each (default: all but the encoder-stage ones); 'affinity' "
@@ -345,6 +374,15 @@ def score(a, ref, prompt: str, clips, vllm_out: dict, sf, engines: dict) -> dict
             "same_as_baseline": sum(h == b for h, b in zip(hyp, baseline)),
             **extra, "hypotheses": hyp,
         }
+        fams = sorted({family(c) for c in clips})
+        if len(fams) > 1:  # per voice family: the same paired bootstrap on that family's clips
+            rows[name]["by_family"] = {}
+            for f in fams:
+                idx = [i for i, c in enumerate(clips) if family(c) == f]
+                sub = asr.paired_bootstrap([texts[i] for i in idx], [baseline[i] for i in idx],
+                                           [hyp[i] for i in idx], samples=a.bootstrap)
+                rows[name]["by_family"][f] = {"clips": len(idx), "wer": asr.corpus_wer(
+                    [texts[i] for i in idx], [hyp[i] for i in idx]), **{f"d_{k}": v for k, v in sub.items()}}
 
     for variant in a.variants:
         method, sw, policy, encoder = VARIANTS[variant]
@@ -441,7 +479,7 @@ def recommendation_line(run: dict) -> str:
 
 
 def title(model: str, corpus: str) -> str:
-    what = "espeak-ng clips" if corpus == "espeak" else "human recordings"
+    what = CORPUS_WHAT[corpus]
     return f"Accuracy: Whisper {model} (real weights) with merged encoder frames, {what}"
 
 
@@ -477,12 +515,27 @@ def write_run(a, run: dict, clips, m: dict, command: str) -> None:
     print(f"\n== Whisper {model}, {corpus} ({len(clips)} clips)")
     write_report(
         a.out, f"accuracy_{a.tag}{model}_{corpus}", title(model, corpus), HEADER, table_rows(run["rows"], len(clips)),
-        f"{notes(a, run, clips)}\n\n{machine_line(m, command)}",
+        f"{notes(a, run, clips)}{family_table(run)}\n\n{machine_line(m, command)}",
         run | {"machine": m, "command": command, "args": vars(a) | {"out": str(a.out)}},
     )
     plot(a, run, clips, a.out / f"accuracy_{a.tag}wer_{model}_{corpus}.png")
     if (model, corpus) == (DEFAULT_MODEL, DEFAULT_CORPUS) and not a.tag:
         plot(a, run, clips, a.out / "accuracy_wer.png")
+
+
+def family_table(run: dict) -> str:
+    """ΔWER per voice family (pts, 95% CI) of every vLLM row, when the corpus has several."""
+    rows = {k: v for k, v in run["rows"].items() if v.get("by_family")}
+    if not rows:
+        return ""
+    fams = list(next(iter(rows.values()))["by_family"])
+    head = ["variant", *(f"{f} ({next(iter(rows.values()))['by_family'][f]['clips']} clips)" for f in fams)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, v in rows.items():
+        cells = [f"{b['d_delta'] * 100:+.1f} [{b['d_ci_low'] * 100:+.1f}, {b['d_ci_high'] * 100:+.1f}] "
+                 f"(WER {b['wer'] * 100:.1f}%)" for b in (v["by_family"][f] for f in fams)]
+        lines.append("| " + " | ".join([k, *cells]) + " |")
+    return "\n\nΔWER by voice family (pts, 95% CI; WER of the row):\n\n" + "\n".join(lines)
 
 
 def write_combined(a, runs: list[dict], corpora: dict, m: dict, command: str) -> None:
@@ -554,7 +607,7 @@ def plot(a, run: dict, clips, path: Path) -> None:
     axes[0].set_ylabel("WER (%)")
     axes[0].set_ylim(low, top + 1)
     axes[1].legend(fontsize=7)
-    what = "espeak-ng clips" if run["corpus"] == "espeak" else "human recordings"
+    what = CORPUS_WHAT[run["corpus"]]
     fig.suptitle(f"Whisper {run['model']}, {n_clips} {what}, through vLLM: WER vs frames kept and vs KV bytes")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

