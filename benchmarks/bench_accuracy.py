@@ -139,6 +139,10 @@ VARIANTS = {
     **{f"encoder E={e} {r:g}": ("affinity", False, "fixed", (e, r)) for e in (1, 2, -2) for r in (0.5, 0.25)},
     # the encoder stage with size-weighted cross-attention (sizes in original frames)
     **{f"encoder E={e} {r:g} +sw": ("affinity", True, "fixed", (e, r)) for e in (1, 2, -2) for r in (0.5, 0.25)},
+    # + proportional (size-weighted) attention in the encoder layers after the merge (encoder.size_weighted)
+    **{f"encoder E={e} {r:g} prop": ("affinity", False, "fixed", (e, r, True)) for e in (1, 2, -2) for r in (0.5, 0.25)},
+    **{f"encoder E={e} {r:g} prop +sw": ("affinity", True, "fixed", (e, r, True)) for e in (1, 2, -2)
+       for r in (0.5, 0.25)},
 }
 #: the defaults of --variants (the encoder-stage ones are asked for by name: issue 13's sweep)
 DEFAULT_VARIANTS = [v for v, spec in VARIANTS.items() if spec[3] is None]
@@ -151,7 +155,8 @@ def run_vllm(model: Path, tag: str, prompt: str, groups, ratios, variant: str, t
     job, out = tmp / f"acc-job-{tag}-{slug}.json", tmp / f"acc-out-{tag}-{slug}.json"
     spec = {"input": {"keep_ratio": 1.0, "method": method, "size_weighted": sw, "budget": policy}}
     if encoder is not None:
-        spec["encoder"] = {"merge_layer": encoder[0], "keep_ratio": encoder[1]}
+        spec["encoder"] = {"merge_layer": encoder[0], "keep_ratio": encoder[1],
+                           "size_weighted": len(encoder) > 2 and encoder[2]}
     job.write_text(json.dumps({"model": str(model), "spec": spec,
                                "groups": [[str(c.path) for c in clips] for clips in groups],
                                "prompt": prompt, "ratios": ratios, "out": str(out)}))
@@ -500,7 +505,8 @@ def notes(a, run: dict, clips) -> str:
         + ". 'speech-frame groups kept': groups starting in the speech part of the 30 s window per speech "
         "frame (the rest of the merging falls on Whisper's zero padding). Rows marked 'reference' run in "
         "transformers only: the paper's threshold tau (K known only after the encoder; KV estimated)."
-        + (" 'encoder E=e r': the encoder stage, frames merged to r·1500 after encoder layer e (negative: "
+        + (" 'encoder E=e r': the encoder stage, frames merged to r·1500 after encoder layer e ('prop': with "
+           "proportional attention, encoder.size_weighted, in the layers after it; negative: "
            "from the end), decoder cross-attention on them; 'encoder FLOPs' in the JSON rows "
            "(encoder_flops_share) is the analytic share of stock's encoder FLOPs." if enc else "")
         + "\n\n"

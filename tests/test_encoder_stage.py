@@ -145,3 +145,59 @@ def test_encoder_merge_layer_out_of_range_stops_start_up(tiny_model, tmp_path):
     with pytest.raises(AssertionError, match=r"encoder\.merge_layer=1 resolves to layer 1, but this model's "
                                              r"audio encoder has 2 layers"):
         run_engine_subprocess(job, tmp_path)
+
+
+# -- proportional (size-weighted) attention in the encoder layers after the merge -------------
+SW_SPEC = {"encoder": {"merge_layer": 0, "keep_ratio": 0.5, "size_weighted": True}, "input": {"keep_ratio": 0.74}}
+
+
+def test_size_weighted_encoder_equals_the_broadcast_mean_reference(reference, clips):
+    """The plugin's log-size bias equals proportional attention by definition (the reference:
+    every position replaced by its group's mean, stock layers on the full length, one row per
+    group); the bias is not a no-op on this model (plain attention and reversed sizes differ)."""
+    tower = reference.model.model.audio_tower
+    worst, plain, reversed_ = 0.0, float("inf"), float("inf")
+    for path in clips:
+        feats, fmask = reference.features([to_16k_mono(*load_audio(path))])
+        frames = int(fmask[0].sum())
+        with torch.no_grad():
+            got, sizes = E.encode_merged(tower, feats[0], frames, 0, 0.5, size_weighted=True)
+        kw = dict(merge_layer=0, keep_ratio=0.5)
+        ref = reference.encode_merged(feats, fmask, size_weighted=True, **kw)[0]
+        worst = max(worst, float((got - ref).abs().max()))
+        if bool((sizes > 1).any()):
+            plain = min(plain, float((got - reference.encode_merged(feats, fmask, **kw)[0]).abs().max()))
+            rev = reference.encode_merged(feats, fmask, size_weighted=True, repeat_fn=lambda s: s.flip(0), **kw)[0]
+            reversed_ = min(reversed_, float((got - rev).abs().max()))
+    print(f"\nsize-weighted encoder: plugin vs broadcast-mean reference max |diff| {worst:.2e}; "
+          f"vs plain attention >= {plain:.2e}; vs reversed sizes >= {reversed_:.2e}")
+    assert worst <= TOL
+    assert plain > 100 * TOL and reversed_ > 100 * TOL
+
+
+@pytest.fixture(scope="module")
+def sw_run(tiny_model, clips, tmp_path_factory):
+    job = {"model": str(tiny_model), "hf_overrides": {"affinity": SW_SPEC}, "prompt": PROMPT,
+           "max_tokens": MAX_NEW, "logprobs": 20, "requests": [{"audios": [str(c)]} for c in clips]}
+    return run_engine_subprocess(job, tmp_path_factory.mktemp("enc-sw"), env={"VLLM_LOGGING_LEVEL": "DEBUG"})
+
+
+@pytest.mark.engine
+def test_size_weighted_encoder_stage_matches_reference(sw_run, reference, clips):
+    for res, path in zip(sw_run["results"], clips):
+        ref = reference.generate(PROMPT, [load_audio(path)], max_new_tokens=MAX_NEW, **_ref_kwargs(SW_SPEC))
+        par = json_compare(res, ref)
+        print(f"\n{path.name}: size-weighted encoder stage; {par}")
+        assert par.ok, f"{path.name}: {par}"
+    assert "size-weighted (proportional) attention after the merge" in sw_run["log"]
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("name, wrong", [("plain attention after the merge", {"size_weighted": False}),
+                                         ("sizes reversed", {"repeat_fn": lambda s: s.flip(0)})])
+def test_wrong_size_weighted_encoders_are_rejected(name, wrong, sw_run, reference, clips):
+    res = sw_run["results"][2]  # the 11 s clip
+    bad = json_compare(res, reference.generate(PROMPT, [load_audio(clips[2])], max_new_tokens=MAX_NEW,
+                                               **_ref_kwargs(SW_SPEC, encoder=wrong)))
+    print(f"\n{name}: {bad}")
+    assert not bad.ok, f"parity cannot tell '{name}' apart: {bad}"

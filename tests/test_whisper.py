@@ -640,6 +640,44 @@ def test_encoder_stage_kv(enc_run):
     assert p["encoder_lens"] == [750] and p["blocks"] == [1, -(-750 // enc_run["block_size"])]
 
 
+ENC_SW_SPEC = {"encoder": {**ENC_SPEC["encoder"], "size_weighted": True}}
+
+
+@pytest.fixture(scope="module")
+def enc_sw_run(whisper_dir, clips, tmp_path_factory):
+    reqs, keys = _ratio_batch(clips, (1.0,))
+    job = {"model": str(whisper_dir), "hf_overrides": {"affinity": ENC_SW_SPEC}, "batches": [reqs],
+           "trace_groups": True}
+    out = run_job(job, tmp_path_factory.mktemp("enc-sw"))
+    out["by_key"] = _by_key(out["batches"], keys)
+    return out
+
+
+@pytest.mark.engine
+def test_size_weighted_encoder_stage_matches_reference(enc_sw_run, reference, clips, enc_ref):
+    """Proportional attention in encoder layers 2-3 after the merge at layer 1: vLLM (a log-size
+    bias) = the reference by definition (every frame replaced by its group's mean, transformers'
+    layers on all 1500 frames, one row per group), real weights, tokens and log-probs; plain
+    attention and reversed sizes are rejected."""
+    msgs = []
+    for clip in PARITY_CLIPS:
+        res = enc_sw_run["by_key"][(clip, 1.0)]
+        ref, flips = _enc_replay(enc_sw_run, reference, clips, enc_ref, clip, 1.0, encoder={"size_weighted": True})
+        ok, msg = parity(res, ref)
+        msgs.append(f"size-weighted encoder stage E=1 0.5, clip {clip} ({flips} near-tie cut(s)): {msg}")
+        assert ok, msgs[-1]
+    print("\n".join(msgs))
+    res = enc_sw_run["by_key"][(2, 1.0)]
+    diffs = {}
+    for name, enc in {"plain attention after the merge": {},
+                      "sizes reversed": {"size_weighted": True, "repeat_fn": lambda s: s.flip(0)}}.items():
+        ref, _ = _enc_replay(enc_sw_run, reference, clips, enc_ref, 2, 1.0, steps=WRONG_STEPS, encoder=enc)
+        diffs[name] = max_logprob_diff(res, ref, steps=WRONG_STEPS)
+    print({k: f"{v:.2e}" for k, v in diffs.items()})
+    for name, d in diffs.items():
+        assert d > LOGPROB_TOL, f"cannot tell {name!r} apart: {d:.2e}"
+
+
 def test_encoder_stage_config_checks():
     from vllm_affinity.architectures import facts_for
     from vllm_affinity.config import AffinityConfigError, EncoderStage, load_spec

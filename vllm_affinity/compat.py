@@ -149,6 +149,14 @@ ADAPTER_SEAMS: dict[str, tuple[Seam, ...]] = {
              ("hidden_states", "encoder_hidden_states"), "size-weighted cross-attention (adapters/whisper.py)"),
         Seam("vllm.model_executor.layers.attention.cross_attention:CrossAttention.__init__",
              ("num_heads", "head_size", "scale", "cache_config", "attn_type"), "a padded-head cross-attention"),
+        # encoder.size_weighted: the plugin runs an encoder layer's own modules (qkv_proj, q_size,
+        # kv_size, num_heads, head_dim, scaling, out_proj, the two norms, mlp) with a bias
+        Seam("vllm.model_executor.models.whisper:WhisperEncoderLayer.forward", ("hidden_states",),
+             "size-weighted attention in the encoder after the encoder-stage merge (adapters/whisper.py)"),
+        Seam("vllm.model_executor.models.whisper:WhisperAttention._init_qkv", ("embed_dim",),
+             "the encoder layer's fused qkv_proj the size-weighted encoder layer splits"),
+        Seam("vllm.model_executor.models.utils:cast_overflow_tensors", None,
+             "the encoder layer's last step, repeated by the size-weighted encoder layer"),
     ),
     "qwen2_5_omni": _omni_seams(
         "vllm.model_executor.models.qwen2_5_omni_thinker:Qwen2_5OmniThinkerForConditionalGeneration"),

@@ -134,6 +134,12 @@ class EncoderStage(_Strict):
     keep_ratio: float = Field(gt=0.0, le=1.0, description="fraction of each audio's encoder frames kept")
     window: int = Field(1, ge=1, le=64, description="look-back window (omega) of the affinity score")
     method: Literal["affinity", "uniform"] = "affinity"
+    size_weighted: bool = Field(
+        False, description="proportional attention in the encoder layers after the merge: every merged "
+        "frame's key carries log(group size), softmax(q.k/sqrt(d) + log size), exactly (ToMe's "
+        "proportional attention). A layer then computes on the merged frames what it computes on the "
+        "full-length sequence in which every frame is replaced by its group's mean"
+    )
 
     _finite = field_validator("keep_ratio", mode="before")(InputStage._finite_number.__func__)
 
@@ -218,7 +224,8 @@ class AffinityConfig(_Strict):
         e = self.encoder
         if e is not None:
             parts.append(f"encoder stage: merge_layer={e.merge_layer}, keep_ratio={e.keep_ratio}, "
-                         f"window={e.window}, method={e.method}")
+                         f"window={e.window}, method={e.method}"
+                         + (", size-weighted (proportional) attention after the merge" if e.size_weighted else ""))
         s = self.input
         parts.append(
             "input stage off" if s is None

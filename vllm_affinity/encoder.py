@@ -79,19 +79,31 @@ def encoder_stage_tokens(mel_frames: int, keep_ratio: float) -> int:
     return pooling.num_kept(encoder_output_lengths(mel_frames)[1], keep_ratio)
 
 
+def size_bias(sizes: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Proportional attention's additive mask for ``K`` merged rows: (1, 1, K, K), column j
+    = log(sizes[j]). softmax(q.k + log s) weighs a key as s identical keys would, so a layer
+    on the merged rows equals, group by group, the layer on the full-length sequence in which
+    every frame is replaced by its group's mean (the reference computes it that way)."""
+    k = sizes.numel()
+    return sizes.to(device=device, dtype=torch.float32).log().to(dtype).expand(1, 1, k, k)
+
+
 def encode_merged(tower, features: torch.Tensor, mel_frames: int, merge_layer: int, keep_ratio: float,
-                  method: str = "affinity", window: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                  method: str = "affinity", window: int = 1,
+                  size_weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder stage on ONE window of a Whisper-style encoder with a stride-2 pool
     (Qwen2-Audio): layers 0..E on the real frames (as :func:`encode_real_length`), then the
     ``feat_len`` real positions merged into ``2 K`` groups (group means; the margin's padded
-    positions are dropped: no real position ever attended to them), layers E+1.. on those,
-    the stride-2 pool and the norm: exactly ``K = encoder_stage_tokens(mel_frames,
-    keep_ratio)`` tokens. Returns ((K, d_model), group sizes in encoder positions)."""
+    positions are dropped: no real position ever attended to them), layers E+1.. on those
+    (``size_weighted``: with :func:`size_bias`), the stride-2 pool and the norm: exactly
+    ``K = encoder_stage_tokens(mel_frames, keep_ratio)`` tokens. Returns ((K, d_model), group
+    sizes in encoder positions)."""
     x, mask, feat_len, _ = _front(tower, features, mel_frames)
     x = _layers(x, tower.layers[: merge_layer + 1], mask)[0, :feat_len]
     k = encoder_stage_tokens(mel_frames, keep_ratio)
     sizes = pooling.group_sizes(x, 2 * k, method, window)
-    x = _layers(pooling.merge(x, sizes)[None], tower.layers[merge_layer + 1 :], None)
+    bias = size_bias(sizes, x.dtype, x.device) if size_weighted else None
+    x = _layers(pooling.merge(x, sizes)[None], tower.layers[merge_layer + 1 :], bias)
     return _tail(tower, x), sizes
 
 

@@ -145,7 +145,8 @@ class AffinityQwen2AudioForConditionalGeneration(AffinityModelMixin, Qwen2AudioF
                 tokens = encode_real_length(self.audio_tower, feats, frames)
             else:
                 tokens, sizes = enc_stage.encode_merged(self.audio_tower, feats, frames, self.encoder_layer,
-                                                        stage.keep_ratio, stage.method, stage.window)
+                                                        stage.keep_ratio, stage.method, stage.window,
+                                                        size_weighted=stage.size_weighted)
                 trace_merge("encoder", sizes)
                 logger.debug("vllm-affinity: encoder stage: %d mel frames, %d positions -> %d after encoder "
                              "layer %d, %d tokens", frames, int(sizes.sum()), sizes.numel(), self.encoder_layer,

@@ -45,9 +45,11 @@ from vllm.model_executor.models.whisper import (
     WhisperMultiModalProcessor,
     WhisperProcessingInfo,
 )
+from vllm.model_executor.models.utils import cast_overflow_tensors
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .. import accounting, pooling
+from ..encoder import size_bias
 from ..compat import ADAPTER_SEAMS
 from .. import size_weighted as sw
 from ..config import REQUEST_KEEP_RATIO_KEY, AffinityConfig
@@ -91,7 +93,8 @@ def describe(cfg: AffinityConfig, frames: int) -> str:
     pre = ""
     if e is not None:
         pre = (f"encoder stage: frames merged {frames} -> {pooling.num_kept(frames, e.keep_ratio)} after encoder "
-               f"layer {e.merge_layer} (keep_ratio={e.keep_ratio}, window={e.window}, method={e.method}); ")
+               f"layer {e.merge_layer} (keep_ratio={e.keep_ratio}, window={e.window}, method={e.method}"
+               + (", size-weighted (proportional) attention after the merge" if e.size_weighted else "") + "); ")
         frames = pooling.num_kept(frames, e.keep_ratio)
     if s is None:
         what = f"input stage off: all {frames} encoder frames reach the decoder's cross-attention"
@@ -220,6 +223,29 @@ def install_size_weighted(decoder_layers, vllm_config) -> int:
     return padded
 
 
+def size_weighted_encoder_layer(layer, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """vLLM's ``WhisperEncoderLayer.forward`` on (1, K, d) merged frames, with the additive
+    ``bias`` (1, 1, K, K) on the self-attention logits (``encoder.size_weighted``: log group
+    sizes). The encoder's attention is not paged (``MMEncoderAttention`` on whole sequences),
+    so the plugin computes it with the layer's own projections and SDPA; everything else is
+    the layer's modules as they are. Heads are this rank's (tensor parallelism: the output
+    projection all-reduces as in the stock layer)."""
+    attn = layer.self_attn
+    residual = h
+    x = layer.self_attn_layer_norm(h)
+    qkv, _ = attn.qkv_proj(x)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    b, t, _ = q.shape
+    heads, dim = attn.num_heads, attn.head_dim
+    q, k, v = (y.view(b, t, -1, dim).transpose(1, 2) for y in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=attn.scaling)
+    out, _ = attn.out_proj(out.transpose(1, 2).reshape(b, t, heads * dim))
+    h = residual + out
+    residual = h
+    h = residual + layer.mlp(layer.final_layer_norm(h))
+    return cast_overflow_tensors(h)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     AffinityWhisperMultiModalProcessor,
     info=AffinityWhisperProcessingInfo,
@@ -259,8 +285,9 @@ class AffinityWhisperForConditionalGeneration(AffinityModelMixin, WhisperForCond
         sizes = pooling.group_sizes(h[0], k, stage.method, stage.window)
         trace_merge("encoder", sizes)
         h = pooling.merge(h[0], sizes)[None]
+        bias = size_bias(sizes, h.dtype, h.device) if stage.size_weighted else None
         for layer in enc.layers[self.encoder_layer + 1 :]:
-            h = layer(h)
+            h = layer(h) if bias is None else size_weighted_encoder_layer(layer, h, bias)
         return enc.layer_norm(h)[0], sizes
 
     def embed_multimodal(self, **kwargs: object):

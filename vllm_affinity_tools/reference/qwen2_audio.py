@@ -80,14 +80,18 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
 
     @torch.no_grad()
     def encode_merged(self, feats: torch.Tensor, fmask: torch.Tensor, *, merge_layer: int, keep_ratio: float,
-                      method: str = "affinity", window: int = 1, merge_fn=None, after_pool: bool = False
-                      ) -> list[torch.Tensor]:
+                      method: str = "affinity", window: int = 1, merge_fn=None, after_pool: bool = False,
+                      size_weighted: bool = False, repeat_fn=None) -> list[torch.Tensor]:
         """The encoder stage on transformers' Qwen2AudioEncoder, written from its forward:
         the stock 30 s window with its padding mask through layers 0..E; per audio, the real
         positions merged into ``2 num_kept(tokens, keep_ratio)`` groups (``merge_fn(h, sizes)``
         replaces the merge: tests); layers E+1.. on them alone, the stride-2 pool, the norm.
-        ``after_pool`` (a wrong variant): merge the pooled tokens instead. Returns the encoder
-        output of each audio, (K_i, d_model)."""
+        ``after_pool`` (a wrong variant): merge the pooled tokens instead. ``size_weighted``
+        (proportional attention after the merge), computed the way it is defined and not the
+        way the plugin computes it (a log-size bias): every position replaced by its group's
+        mean, layers E+1.. on that full-length sequence, then one row per group
+        (``repeat_fn(sizes)`` replaces the repeat counts: tests). Returns the encoder output of
+        each audio, (K_i, d_model)."""
         tower = self.model.model.audio_tower
         mask, feat_lens, out_lens = self._stock_mask(fmask, feats.shape[-1], feats.dtype)
         x = torch.nn.functional.gelu(tower.conv1(feats.to(tower.conv1.weight.dtype)))
@@ -109,8 +113,11 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
                 continue
             sizes = pooling.group_sizes(mid, 2 * k, method, window)
             g = (merge_fn or pooling.merge)(mid, sizes)[None]
-            for layer in layers[merge_layer + 1 :]:
-                g = _layer_out(layer(g, None))
+            if size_weighted:
+                g = _broadcast_layers(g, (repeat_fn or (lambda s: s))(sizes), layers[merge_layer + 1 :])
+            else:
+                for layer in layers[merge_layer + 1 :]:
+                    g = _layer_out(layer(g, None))
             out.append(tower.layer_norm(tower.avg_pooler(g.permute(0, 2, 1)).permute(0, 2, 1))[0])
         return out
 
@@ -151,6 +158,17 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
             prompt, audios, encoder_real_length=encoder_real_length, long_audio=long_audio,
             encoder_stage=encoder_stage, **kw
         )
+
+
+def _broadcast_layers(merged: torch.Tensor, repeats: torch.Tensor, layers) -> torch.Tensor:
+    """Proportional attention by definition: (1, K, d) merged rows repeated ``repeats`` times
+    each (the full-length sequence of group means), the stock layers on it, the first row of
+    every group kept: (1, K, d)."""
+    repeats = repeats.to(merged.device)
+    full = torch.repeat_interleave(merged, repeats, dim=1)
+    for layer in layers:
+        full = _layer_out(layer(full, None))
+    return full[:, torch.cumsum(repeats, 0) - repeats]
 
 
 def _layer_out(out):

@@ -108,11 +108,15 @@ def encode(model, processor, audios: Sequence[Audio] | Audio, batch_size: int = 
 
 @torch.no_grad()
 def encode_merged(model, processor, audio: Audio, merge_layer: int, keep_ratio: float, method: str = "affinity",
-                  window: int = 1, sizes: torch.Tensor | None = None, merge_fn=None):
+                  window: int = 1, sizes: torch.Tensor | None = None, merge_fn=None,
+                  size_weighted: bool = False, repeat_fn=None):
     """The encoder stage on transformers' WhisperEncoder: layers 0..E on the 1500 frames,
     the frames merged to ``num_kept(1500, keep_ratio)`` (group means; ``sizes`` forces the
     groups, ``merge_fn(h, sizes)`` replaces the merge: tests), layers E+1.. and the final norm
-    on the merged frames. Returns ((K, d) output, sizes, the (1500, d) states after layer E)."""
+    on the merged frames. ``size_weighted``: proportional attention after the merge, by its
+    definition (every frame replaced by its group's mean, the stock layers on all 1500, one row
+    per group; ``repeat_fn(sizes)`` replaces the repeat counts: tests), not by the plugin's
+    log-size bias. Returns ((K, d) output, sizes, the (1500, d) states after layer E)."""
     enc = model.model.encoder
     dtype = next(model.parameters()).dtype
     feats = processor.feature_extractor([_wave(audio)], sampling_rate=TARGET_SR, return_tensors="pt",
@@ -127,8 +131,15 @@ def encode_merged(model, processor, audio: Audio, merge_layer: int, keep_ratio: 
     if sizes is None:
         sizes = pooling.group_sizes(mid, pooling.num_kept(mid.shape[0], keep_ratio), method, window)
     h = (merge_fn or pooling.merge)(mid, sizes)[None]
-    for layer in layers[merge_layer + 1 :]:
-        h = _layer_out(layer(h, attention_mask=None))
+    if size_weighted:
+        repeats = (repeat_fn or (lambda s: s))(sizes)
+        full = torch.repeat_interleave(h, repeats, dim=1)
+        for layer in layers[merge_layer + 1 :]:
+            full = _layer_out(layer(full, attention_mask=None))
+        h = full[:, torch.cumsum(repeats, 0) - repeats]
+    else:
+        for layer in layers[merge_layer + 1 :]:
+            h = _layer_out(layer(h, attention_mask=None))
     return enc.layer_norm(h)[0], sizes, mid
 
 
