@@ -84,7 +84,8 @@ def test_clips_are_16k_speech_and_deterministic(sample, tmp_path):
 
 def test_whisper_hears_the_words(sample):
     """Real speech, not noise: Whisper tiny.en (real weights) transcribes the sample with a
-    corpus WER well under 50%, and the transcripts against the wrong texts are far worse."""
+    corpus WER under 35% (noise, reverb and accents included: 25% when written), and the
+    transcripts against the wrong texts are far worse."""
     import soundfile as sf
 
     from vllm_affinity_tools.checkpoints.ct2_whisper import ensure_checkpoint
@@ -100,4 +101,5 @@ def test_whisper_hears_the_words(sample):
     wer = asr.corpus_wer(texts, hyps)
     print(f"tiny.en WER on {len(clips)} varied-corpus clips: {wer:.3f}")
     assert wer < 0.35
-    assert asr.corpus_wer(texts, hyps[1:] + hyps[:1]) > 0.8
+    # against the other text of the sample (its first five clips read one text, the last five another)
+    assert asr.corpus_wer(texts, hyps[5:] + hyps[:5]) > 0.8

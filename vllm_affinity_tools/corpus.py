@@ -9,7 +9,7 @@ voice nor a text with it.
 
 What is in it (every clip 16 kHz mono wav, deterministic, cached under OUT_DIR):
 
-* texts: :data:`SENTENCES` (120 plain English sentences written for this corpus, no digits),
+* texts: :data:`SENTENCES` (120 plain English sentences written for this corpus, American spelling as Whisper writes it, no digits),
   grouped into 48 texts of 1-4 sentences (3-20 s of speech);
 * voices, three families: ``espeak`` (espeak-ng formant synthesis, eight accents with
   different voice variants), ``flite`` (Flite 2.2: the diphone voices kal / kal16 and the
@@ -49,8 +49,8 @@ RENDERINGS_PER_TEXT = 5
 SENTENCES = [
     "The library opens at nine on weekdays and closes early on Sunday.",
     "She left her umbrella on the train and had to walk home in the rain.",
-    "Our neighbours planted a row of apple trees along the fence.",
-    "The meeting was moved to Thursday because the manager was travelling.",
+    "Our neighbors planted a row of apple trees along the fence.",
+    "The meeting was moved to Thursday because the manager was traveling.",
     "A warm breeze carried the smell of fresh bread down the street.",
     "He forgot the password again and called the help desk for a new one.",
     "The children built a small boat from wood and painted it bright red.",
@@ -70,7 +70,7 @@ SENTENCES = [
     "The cat sleeps on the windowsill whenever the sun is shining.",
     "Our flight was delayed, so we had dinner at the airport.",
     "The old clock in the tower stopped working many years ago.",
-    "He practised the piano for an hour before the concert began.",
+    "He practiced the piano for an hour before the concert began.",
     "The garden looks beautiful now that the roses are in bloom.",
     "She asked the waiter for a glass of water and the menu.",
     "The team celebrated their victory with a long dinner together.",
@@ -80,16 +80,16 @@ SENTENCES = [
     "The teacher explained the lesson slowly so that everyone could follow.",
     "We watched the stars from the roof until it was almost midnight.",
     "The shop on the corner sells newspapers, coffee and fresh fruit.",
-    "His favourite book is a long novel about a family of sailors.",
+    "His favorite book is a long novel about a family of sailors.",
     "The nurse checked the patient's temperature every four hours.",
     "Heavy snow closed the mountain pass for most of the winter.",
     "The engineer found a small crack in the main water pipe.",
     "They painted the kitchen a pale shade of yellow last spring.",
     "The orchestra tuned their instruments while the audience took their seats.",
-    "My brother is learning to drive and practises every weekend.",
+    "My brother is learning to drive and practices every weekend.",
     "The farmer sold eggs and honey at the market on Saturday.",
     "A quiet voice on the radio read the evening news.",
-    "The hotel room had a small balcony with a view of the harbour.",
+    "The hotel room had a small balcony with a view of the harbor.",
     "Please send me the report before the end of the day.",
     "The puppy chased its tail around the living room.",
     "The scientists collected samples of ice from the frozen lake.",
@@ -107,7 +107,7 @@ SENTENCES = [
     "The company hired three new engineers for the research team.",
     "The lamp in the hallway flickers whenever the heater is on.",
     "We bought a second hand bicycle with a basket on the front.",
-    "The ship sailed out of the harbour at dawn with a full crew.",
+    "The ship sailed out of the harbor at dawn with a full crew.",
     "Most of the guests left the party before eleven o'clock.",
     "The tailor measured his shoulders and the length of his arms.",
     "The little girl counted the ducks swimming in the pond.",
@@ -129,7 +129,7 @@ SENTENCES = [
     "He always drinks a cup of tea before he goes to bed.",
     "The hikers filled their bottles at a spring near the trail.",
     "The office will be closed on Monday for the national holiday.",
-    "The painter mixed blue and white to match the colour of the sky.",
+    "The painter mixed blue and white to match the color of the sky.",
     "My phone battery died in the middle of an important call.",
     "The students planted trees along the road to the school.",
     "Thick fog covered the valley until the late morning.",
