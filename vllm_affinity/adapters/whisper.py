@@ -238,7 +238,7 @@ def size_weighted_encoder_layer(layer, h: torch.Tensor, bias: torch.Tensor) -> t
     b, t, _ = q.shape
     heads, dim = attn.num_heads, attn.head_dim
     q, k, v = (y.view(b, t, -1, dim).transpose(1, 2) for y in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=attn.scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scaling)
     out, _ = attn.out_proj(out.transpose(1, 2).reshape(b, t, heads * dim))
     h = residual + out
     residual = h

@@ -63,6 +63,23 @@ class ReferenceOutput:
     deep_kv_len: int | None = None
 
 
+def layer_out(out):
+    """The hidden states of a transformers layer's output (a tensor, or a tuple led by one)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def broadcast_layers(merged: torch.Tensor, repeats: torch.Tensor, layers) -> torch.Tensor:
+    """Proportional attention by its definition, for the encoder references (Whisper,
+    Qwen2-Audio): (1, K, d) merged rows each repeated ``repeats`` times (the full-length
+    sequence of group means), the stock encoder layers on it without a mask, the first row of
+    every group kept: (1, K, d). Independent of the plugin, which adds log(size) to the logits."""
+    repeats = repeats.to(merged.device)
+    full = torch.repeat_interleave(merged, repeats, dim=1)
+    for layer in layers:
+        full = layer_out(layer(full, attention_mask=None))
+    return full[:, torch.cumsum(repeats, 0) - repeats]
+
+
 def _causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive (1, 1, n, n) mask: 0 where key <= query, -inf above the diagonal."""
     return torch.full((n, n), float("-inf"), dtype=dtype).triu(1)[None, None]

@@ -22,7 +22,9 @@ from .base import (  # noqa: F401  (re-exported: older imports name this module)
     ReferenceOutput,
     ReferenceSpeechLM,
     _causal_mask,
+    broadcast_layers,
     calibrate_keep_ratio,
+    layer_out,
     to_16k_mono,
 )
 
@@ -99,14 +101,14 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
         h = x + tower.embed_positions.weight
         layers = list(tower.layers)
         for layer in layers[: merge_layer + 1]:
-            h = _layer_out(layer(h, mask))
+            h = layer_out(layer(h, mask))
         out = []
         for i in range(h.shape[0]):
             k = pooling.num_kept(int(out_lens[i]), keep_ratio)
             mid = h[i, : int(feat_lens[i])] if not after_pool else h[i : i + 1]
             if after_pool:  # wrong: the stock encoder to the end, the merge on its tokens
                 for layer in layers[merge_layer + 1 :]:
-                    mid = _layer_out(layer(mid, mask[i : i + 1]))
+                    mid = layer_out(layer(mid, mask[i : i + 1]))
                 tokens = tower.layer_norm(tower.avg_pooler(mid.permute(0, 2, 1)).permute(0, 2, 1))[0]
                 tokens = tokens[: int(out_lens[i])]
                 out.append(pooling.merge(tokens, pooling.group_sizes(tokens, k, method, window)))
@@ -114,10 +116,10 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
             sizes = pooling.group_sizes(mid, 2 * k, method, window)
             g = (merge_fn or pooling.merge)(mid, sizes)[None]
             if size_weighted:
-                g = _broadcast_layers(g, (repeat_fn or (lambda s: s))(sizes), layers[merge_layer + 1 :])
+                g = broadcast_layers(g, (repeat_fn or (lambda s: s))(sizes), layers[merge_layer + 1 :])
             else:
                 for layer in layers[merge_layer + 1 :]:
-                    g = _layer_out(layer(g, None))
+                    g = layer_out(layer(g, None))
             out.append(tower.layer_norm(tower.avg_pooler(g.permute(0, 2, 1)).permute(0, 2, 1))[0])
         return out
 
@@ -158,18 +160,3 @@ class ReferenceQwen2Audio(ReferenceSpeechLM):
             prompt, audios, encoder_real_length=encoder_real_length, long_audio=long_audio,
             encoder_stage=encoder_stage, **kw
         )
-
-
-def _broadcast_layers(merged: torch.Tensor, repeats: torch.Tensor, layers) -> torch.Tensor:
-    """Proportional attention by definition: (1, K, d) merged rows repeated ``repeats`` times
-    each (the full-length sequence of group means), the stock layers on it, the first row of
-    every group kept: (1, K, d)."""
-    repeats = repeats.to(merged.device)
-    full = torch.repeat_interleave(merged, repeats, dim=1)
-    for layer in layers:
-        full = _layer_out(layer(full, None))
-    return full[:, torch.cumsum(repeats, 0) - repeats]
-
-
-def _layer_out(out):
-    return out[0] if isinstance(out, tuple) else out

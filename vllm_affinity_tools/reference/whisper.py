@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from vllm_affinity import pooling
+from .base import broadcast_layers, layer_out
 from .qwen2_audio import TARGET_SR, to_16k_mono
 
 DEFAULT_PROMPT = "<|startoftranscript|><|notimestamps|>"
@@ -126,25 +127,19 @@ def encode_merged(model, processor, audio: Audio, merge_layer: int, keep_ratio: 
     h = x + enc.embed_positions.weight[: x.shape[1]]
     layers = list(enc.layers)
     for layer in layers[: merge_layer + 1]:
-        h = _layer_out(layer(h, attention_mask=None))
+        h = layer_out(layer(h, attention_mask=None))
     mid = h[0]
     if sizes is None:
         sizes = pooling.group_sizes(mid, pooling.num_kept(mid.shape[0], keep_ratio), method, window)
     h = (merge_fn or pooling.merge)(mid, sizes)[None]
     if size_weighted:
-        repeats = (repeat_fn or (lambda s: s))(sizes)
-        full = torch.repeat_interleave(h, repeats, dim=1)
-        for layer in layers[merge_layer + 1 :]:
-            full = _layer_out(layer(full, attention_mask=None))
-        h = full[:, torch.cumsum(repeats, 0) - repeats]
+        h = broadcast_layers(h, (repeat_fn or (lambda s: s))(sizes), layers[merge_layer + 1 :])
     else:
         for layer in layers[merge_layer + 1 :]:
-            h = _layer_out(layer(h, attention_mask=None))
+            h = layer_out(layer(h, attention_mask=None))
     return enc.layer_norm(h)[0], sizes, mid
 
 
-def _layer_out(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 def pool_frames(
