@@ -78,29 +78,13 @@ def worker(job_path: str) -> None:
     import soundfile as sf
     from vllm import LLM, SamplingParams
 
+    from vllm_affinity_tools import engine_kv
+
     llm = LLM(job["model"], dtype="float32", enforce_eager=True, max_model_len=448,
               kv_cache_memory_bytes=256 << 20, limit_mm_per_prompt={"audio": 1},
               hf_overrides={"affinity": job["spec"]})
-    # KV bytes per request, read from the engine: the blocks each KV-cache group holds for
-    # the request when it is freed (a request's blocks only grow), times that group's page
-    # bytes (padding included) and layers
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    kvm = scheduler.kv_cache_manager
-    groups_cfg = kvm.kv_cache_config.kv_cache_groups
-    kinds = ["cross" if type(g.kv_cache_spec).__name__ == "CrossAttentionSpec" else "self" for g in groups_cfg]
-    page = [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups_cfg]
-    held: dict[str, dict] = {}
-    free = kvm.free
-
-    def recording_free(request):
-        blocks = [len(m.req_to_blocks.get(request.request_id, [])) for m in kvm.coordinator.single_type_managers]
-        held[request.request_id] = {
-            "encoder_len": [f.mm_position.length for f in (request.mm_features or [])],
-            **{f"{k}_kv_bytes": sum(b * p for b, p, kk in zip(blocks, page, kinds) if kk == k) for k in set(kinds)},
-        }
-        return free(request)
-
-    kvm.free = recording_free
+    # KV bytes per request, read from the engine (vllm_affinity_tools.engine_kv)
+    held = engine_kv.record_requests(llm)
     sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     groups = []
     for clips in job["groups"]:  # one generate call per corpus: its batch is the same whatever else runs
@@ -116,14 +100,13 @@ def worker(job_path: str) -> None:
         held.clear()
         outs = llm.generate(prompts, sp, use_tqdm=True)
         # the engine core's request ids extend the LLM's ("0" -> "0-<suffix>")
-        by_id = {k.split("-", 1)[0]: v for k, v in held.items()}
+        by_id = {k: {"encoder_len": v["audio_tokens"], **{x: y for x, y in v.items() if x != "audio_tokens"}}
+                 for k, v in engine_kv.by_output_id(held).items()}
         groups.append({"seconds": time.perf_counter() - t0, "outputs": [
             {"clip": p, "ratio": r, "text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids),
              "prompt_token_ids": list(o.prompt_token_ids or []), **by_id[o.request_id]}
             for (p, r), o in zip(keys, outs)]})
-    head_sizes = {k: g.kv_cache_spec.head_size for k, g in zip(kinds, groups_cfg)}
-    Path(job["out"]).write_text(json.dumps({"groups": groups, "head_sizes": head_sizes,
-                                            "block_size": groups_cfg[0].kv_cache_spec.block_size}))
+    Path(job["out"]).write_text(json.dumps({"groups": groups, **engine_kv.kv_layout(llm)}))
 
 
 #: server settings, one engine each: (method, size-weighted cross-attention, budget policy,

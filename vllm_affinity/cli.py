@@ -3,6 +3,8 @@
     vllm-affinity serve MODEL [--plugin affinity] [--affinity SPEC] [vllm serve args...]
     vllm-affinity presets
     vllm-affinity check SPEC
+    vllm-affinity analyze MODEL --audio DIR [...]    (where the model's audio is redundant; --help)
+    vllm-affinity calibrate MODEL --audio DIR [...]  (the most aggressive SPEC that keeps its answers; --help)
 
 vLLM has no `--plugin` flag. `serve` is the closest honest equivalent: it validates
 SPEC, makes sure the `affinity` plugin is allowed (VLLM_PLUGINS), turns SPEC into
@@ -151,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in preset_names():
                 print(f"{name:24s} {load_spec(name).describe()}")
             return 0
+        elif cmd in ("analyze", "calibrate"):
+            # dev-side tools (transformers references, offline engines): imported only when asked for
+            import importlib
+
+            return importlib.import_module(f"vllm_affinity_tools.{cmd}").main(rest)
         elif cmd == "check":
             if len(rest) != 1:
                 raise UsageError("usage: vllm-affinity check SPEC")
