@@ -276,6 +276,8 @@ def test_calibrate_chat_model_walks_resumes_and_its_yaml_serves(tiny_model, audi
     relaxed = json.loads((out / "calibration.json").read_text())
     assert relaxed["info"]["engines_run"] == 2  # deep 0.3 and the combination; the rest cached
     rec = relaxed["recommended"]
+    # every point passes: the recommendation is the one saving most (KV, then prefill FLOPs)
+    assert rec["name"] == min(relaxed["points"], key=lambda p: C.savings_key(p["metrics"]))["name"]
     assert rec["name"] == "input 0.25 + deep L=2 0.3"
     spec = yaml.safe_load((out / "recommended.yaml").read_text())
     assert spec == rec["spec"] == {"deep": {"merge_layer": 2, "keep_ratio": 0.3}, "input": {"keep_ratio": 0.25}}
@@ -330,3 +332,16 @@ def test_calibrate_whisper_encoder_stage(audio_dir, tmp_path):
     assert 0.5 < m["kv_share"] < 1.0  # half the frames, size-weighted heads padded 64 -> 80
     assert res["recommended"]["spec"]["encoder"] == {"merge_layer": 2, "keep_ratio": 0.5, "size_weighted": True}
     assert "Whisper" in (out / "calibration.md").read_text()
+
+
+@pytest.mark.parametrize("check, err", [
+    ('{"deep": {"merge_layer": 1, "keep_ratio": 0.5}}', "deep is not supported for Whisper"),
+    ('{"input": {"keep_ratio": 2}}', "--check.input.keep_ratio"),
+    ("/nonexistent/spec.yaml", "not found"),
+])
+def test_bad_check_spec_stops_before_any_engine(check, err, audio_dir, tmp_path, capsys):
+    from vllm_affinity_tools.checkpoints.ct2_whisper import ensure_checkpoint
+
+    assert C.main([str(ensure_checkpoint()), "--audio", str(audio_dir), "--check", check,
+                   "--out", str(tmp_path)]) == 2
+    assert err in capsys.readouterr().err and not (tmp_path / "cache.jsonl").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,8 +79,13 @@ def test_clips_are_16k_speech_and_deterministic(sample, tmp_path):
     for a, b in zip(clips, again):
         digest = [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (a.path, b.path)]
         assert digest[0] == digest[1], (a.path, b.path)
-    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    lines = (tmp_path / "manifest-tune.jsonl").read_text().splitlines()
     assert len(lines) == 5
+    # the split's references, in the form `vllm-affinity calibrate --references` reads
+    from vllm_affinity_tools.calibrate import read_references
+
+    refs = tmp_path / "tune" / "references.json"
+    assert read_references(refs, [Path(c.path) for c in again]) == [c.text for c in again]
 
 
 def test_whisper_hears_the_words(sample):

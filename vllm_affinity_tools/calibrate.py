@@ -168,7 +168,7 @@ class Point:
     per request (``request_ratio``)."""
 
     name: str
-    stage: str  # input | encoder | deep | combined
+    stage: str  # input | encoder | deep | combined | checked (--check)
     server: dict = field(hash=False)
     request_ratio: float | None = None
 
@@ -279,7 +279,7 @@ def combine(points: Sequence[Point], results: dict[str, dict], target: Target) -
         return [p for p in points if p.stage == stage and p.name in results and target.met(results[p.name]) and ok(p)]
 
     def least_kv(ps: list[Point]) -> Point | None:
-        return min(ps, key=lambda p: results[p.name]["kv_share"]) if ps else None
+        return min(ps, key=lambda p: savings_key(results[p.name])) if ps else None
 
     best = {s: least_kv(passing(s)) for s in ("encoder", "deep")}
     enc_input = best["encoder"].spec().get("input") if best["encoder"] else None
@@ -298,11 +298,20 @@ def combine(points: Sequence[Point], results: dict[str, dict], target: Target) -
                  {k: spec[k] for k in ("encoder", "input", "deep") if k in spec})
 
 
+def savings_key(m: dict) -> tuple:
+    """Most saved first: KV held (whole blocks, so short clips tie often), then the compute
+    kept (LM prefill FLOPs, else the audio tokens), then the divergence."""
+    compute = m.get("prefill_flops_share")
+    if compute is None:
+        compute = m.get("audio_tokens_share")
+    return (m["kv_share"], 1.0 if compute is None else compute, m["divergence"])
+
+
 def recommend(points: Sequence[Point], results: dict[str, dict], target: Target) -> Point | None:
     passing = [p for p in points if p.name in results and target.met(results[p.name])]
     if not passing:
         return None
-    return min(passing, key=lambda p: (results[p.name]["kv_share"], results[p.name]["divergence"]))
+    return min(passing, key=lambda p: savings_key(results[p.name]))
 
 
 def pareto(points: Sequence[Point], results: dict[str, dict]) -> list[str]:
@@ -698,6 +707,8 @@ def parser() -> argparse.ArgumentParser:
                    "the paper's third from last)")
     p.add_argument("--deep-ratios", type=float, nargs="+", default=list(DEEP_RATIOS),
                    help=f"deep-stage keep ratios (default {' '.join(map(str, DEEP_RATIOS))})")
+    p.add_argument("--check", metavar="SPEC", help="no search: measure this one SPEC (a YAML path, e.g. a "
+                   "recommended.yaml, or a JSON object) against stock on this audio, e.g. clips it was not chosen on")
     p.add_argument("--max-clips", type=int, help="use the first N clips")
     p.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
     p.add_argument("--max-minutes", type=float, default=60.0, help="time budget: no new engine after it (default 60)")
@@ -724,9 +735,16 @@ def main(argv: list[str] | None = None) -> int:
         whisper = facts.architecture == "WhisperForConditionalGeneration"
         prompts = read_prompts(a.prompts) if a.prompts or not whisper else [whisper_prompt(a.model)]
         references = read_references(a.references, clips) if a.references else None
+        checked = None
+        if a.check:
+            from vllm_affinity.config import load_spec
+
+            spec = json.loads(a.check) if a.check.lstrip().startswith("{") else str(Path(a.check).resolve())
+            cfg = facts.validate(load_spec(spec, where="--check"))
+            checked = json.loads(cfg.model_dump_json(exclude_defaults=True))
         if references is not None and len(prompts) > 1:
             raise ValueError("--references needs one prompt (the transcription prompt)")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # AffinityConfigError is a ValueError
         print(f"vllm-affinity calibrate: error: {e}", file=sys.stderr)
         return 2
     import soundfile as sf
@@ -749,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
                 tuple(a.encoder_layers) if a.encoder_layers else None, tuple(a.deep_layers) if a.deep_layers else None)
     directions = plan_directions(facts, encoder_layers=enc_layers, decoder_layers=dec_layers, stages=a.stages,
                                  grid=grid)
+    if checked is not None:
+        directions = [Direction("check", [Point("checked SPEC", "checked", checked)])]
     points: list[Point] = [p for d in directions for p in (*d.points, *([d.fallback] if d.fallback else []))]
     progress = _progress(directions)
 

@@ -355,7 +355,9 @@ def render(text_id: int, voice: Voice, cond: Condition, path: Path) -> float:
 def build(out_dir: str | Path, *, split: str = "all", limit: int | None = None,
           human: bool = True) -> list[CorpusClip]:
     """The corpus (or one split of it; ``limit``: the first N synthetic clips of the plan, for
-    quick checks), building missing files; a ``manifest.jsonl`` is written next to them."""
+    quick checks), building missing files. Written next to them: ``manifest.jsonl`` (the whole
+    corpus) or ``manifest-<split>.jsonl``, and in each split's folder ``references.json``
+    ({file name: text}, the form ``vllm-affinity calibrate --references`` reads)."""
     from . import asr
 
     if split not in (*SPLITS, "all"):
@@ -381,9 +383,13 @@ def build(out_dir: str | Path, *, split: str = "all", limit: int | None = None,
             clips.append(CorpusClip(str(c.path), c.text, c.voice, "human", "heldout", "recorded",
                                     round(c.seconds, 3), -1))
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "manifest.jsonl", "w") as f:
+    with open(out_dir / ("manifest.jsonl" if split == "all" else f"manifest-{split}.jsonl"), "w") as f:
         for c in clips:
             f.write(json.dumps(asdict(c)) + "\n")
+    for part in {c.split for c in clips}:
+        local = {Path(c.path).name: c.text for c in clips if c.split == part and Path(c.path).parent == out_dir / part}
+        if local:
+            (out_dir / part / "references.json").write_text(json.dumps(local, indent=0))
     return clips
 
 
