@@ -65,6 +65,8 @@ SPECS = {
     "paper-aggressive+encoder": {"preset": "paper-aggressive", "encoder": ENCODER_STAGE},
     # the stages that need no runner hook: input 0.7432 + the encoder stage, no deep stage
     "input+encoder": {"preset": "input-only", "encoder": ENCODER_STAGE},
+    # the same without proportional attention after the merge (what the benchmarks ran before issue 22)
+    "input+encoder-plain": {"preset": "input-only", "encoder": {**ENCODER_STAGE, "size_weighted": False}},
     "input-only": "input-only",
     # issue 21: each audio drops a multiple of the KV block size (rounded down), so a chat's
     # next turn recomputes the same uncached tail as stock

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--tag", default="", help="suffix of the result files' stem (whisper_serve<tag>)")
     p.add_argument("--note", default="", help="what else ran on the machine (written into the footer)")
     a = p.parse_args(argv)
     command = "python benchmarks/bench_whisper_serve.py " + " ".join(
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{a.concurrency} concurrent openai clients, after 2 warm-up requests; one server per cell, each "
             f"cell run once. {a.note} Cross-attention KV from the frames count (blocks of 128, fp32, size-weighted "
             "heads 80 wide).\n\n" + machine_line(m, command))
-    write_report(a.out, "whisper_serve", "Whisper through vllm serve: transcriptions/s and cross-attention KV",
+    write_report(a.out, f"whisper_serve{a.tag}", "Whisper through vllm serve: transcriptions/s and cross-attention KV",
                  header, rows, foot, {"machine": m, "command": command, "results": results})
     return 0
 

@@ -172,6 +172,17 @@ def test_inputs_are_checked(tmp_path):
         C.read_prompts(tmp_path / "p.txt")
 
 
+def test_default_dtype_avoids_slow_bf16():
+    dtype, why = C.default_dtype()
+    flags = open("/proc/cpuinfo").read()
+    import torch
+
+    if torch.cuda.is_available() or "avx512_bf16" in flags or "amx_bf16" in flags:
+        assert dtype == "auto"
+    else:
+        assert dtype == "float32" and "without native bf16" in why
+
+
 def test_warnings_name_how_little_audio_there_is():
     t = C.Target.parse("divergence=0.04")
     w = C.warnings_for(40, 300.0, {"divergence_ci": [0.0, 0.1]}, t)
@@ -250,7 +261,7 @@ def test_calibrate_chat_model_walks_resumes_and_its_yaml_serves(tiny_model, audi
     stock, input and deep 0.5 from the cache and runs only deep 0.3 and the combination."""
     out = tmp_path / "cal"
     base = [str(tiny_model), "--audio", str(audio_dir), "--stages", "input", "deep", "--input-ratios", "0.5",
-            "0.25", "--deep-layers", "2", "--deep-ratios", "0.5", "0.3", "--max-tokens", "6",
+            "0.25", "--deep-layers", "2", "--deep-ratios", "0.5", "0.3", "--max-tokens", "6", "--dtype", "float32",
             "--kv-cache-gib", "0.25", "--max-model-len", "2048", "--out", str(out)]
     assert C.main([*base, "--target", "divergence=0"]) == 0
     strict = json.loads((out / "calibration.json").read_text())
@@ -322,7 +333,7 @@ def test_calibrate_whisper_encoder_stage(audio_dir, tmp_path):
     model = ensure_checkpoint()
     out = tmp_path / "cal"
     assert C.main([str(model), "--audio", str(audio_dir), "--stages", "encoder", "--encoder-layers", "2",
-                   "--encoder-ratios", "0.5", "--max-tokens", "24", "--kv-cache-gib", "0.25",
+                   "--encoder-ratios", "0.5", "--max-tokens", "24", "--dtype", "float32", "--kv-cache-gib", "0.25",
                    "--max-model-len", "448", "--target", "divergence=1", "--out", str(out)]) == 0
     res = json.loads((out / "calibration.json").read_text())
     assert [p["name"] for p in res["points"]] == ["encoder E=2 0.5"] and res["info"]["engines_run"] == 2

@@ -263,13 +263,12 @@ def plot(result: dict, path: Path) -> None:
                   fontsize=7)
     ax.set_ylabel("cosine(x_t, x_t-1)")
     ax.set_title(f"{result['name']}: adjacent audio similarity by layer ({result['clips']} clips; red: stage layers)")
-    ax.grid(alpha=0.3)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from vllm_affinity_tools.calibrate import save_figure
+
+    save_figure(fig, ax, path)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -673,8 +673,15 @@ def plot(path: Path, points, results, rec, target: Target, title: str) -> None:
     ax.set_xlabel("KV cache saved (% of stock's bytes per request)")
     ax.set_ylabel("agreement with stock (100% - word divergence)")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    save_figure(fig, ax, path)
+
+
+def save_figure(fig, ax, path: Path) -> None:
+    """Grid, tight layout, PNG at 110 dpi, figure closed (analyze's plot too)."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -712,7 +719,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-clips", type=int, help="use the first N clips")
     p.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
     p.add_argument("--max-minutes", type=float, default=60.0, help="time budget: no new engine after it (default 60)")
-    p.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", help="engine dtype (default: vLLM's 'auto'; on a CPU without native bf16, "
+                   "float32: vLLM would downcast a float32 checkpoint to bf16, hundreds of times slower there)")
     p.add_argument("--max-model-len", type=int, help="engine max_model_len (default: the model's)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per engine, GiB (default 1)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -750,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     import soundfile as sf
 
     seconds = sum(sf.info(str(c)).duration for c in clips)
-    engine = {"dtype": a.dtype, "enforce_eager": True, "max_logprobs": 1,
+    dtype, why = (a.dtype, "--dtype") if a.dtype else default_dtype()
+    engine = {"dtype": dtype, "enforce_eager": True, "max_logprobs": 1,
               "kv_cache_memory_bytes": int(a.kv_cache_gib * (1 << 30)), "limit_mm_per_prompt": {"audio": 1}}
     if a.max_model_len:
         engine["max_model_len"] = a.max_model_len
@@ -760,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
                     a.out / ".work", log)
     t_start = time.monotonic()
     out_of_time = lambda: (time.monotonic() - t_start) / 60 > a.max_minutes  # noqa: E731
-    log(f"{facts.name}: {len(clips)} clips ({seconds / 60:.1f} min) x {len(prompts)} prompt(s); target: {target}")
+    log(f"{facts.name}: {len(clips)} clips ({seconds / 60:.1f} min) x {len(prompts)} prompt(s); target: {target}; "
+        f"dtype {dtype} ({why})")
     stock = runner.answers(None, [None])[None]
     log(f"stock answers: {len(stock)}")
     grid = Grid(tuple(a.input_ratios), tuple(a.encoder_ratios), 0.75, tuple(a.deep_ratios),
@@ -805,6 +815,26 @@ def main(argv: list[str] | None = None) -> int:
     for w in warns:
         log(f"WARNING: {w}")
     return 0
+
+
+def default_dtype() -> tuple[str, str]:
+    """vLLM's 'auto', except on a CPU-only machine without native bf16 (no avx512_bf16 / amx_bf16):
+    there vLLM's 'auto' downcasts float32 checkpoints to bf16, whose matmuls run hundreds of times
+    slower than fp32 on AVX2 (measured on this project's AMD EPYC machines)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "auto", "vLLM's default on GPU"
+    except ImportError:
+        pass
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return "auto", "CPU with native bf16"
+    return "float32", "CPU without native bf16: bf16 would be far slower"
 
 
 def machine_line() -> str:
