@@ -343,6 +343,15 @@ def test_calibrate_whisper_encoder_stage(audio_dir, tmp_path):
     assert 0.5 < m["kv_share"] < 1.0  # half the frames, size-weighted heads padded 64 -> 80
     assert res["recommended"]["spec"]["encoder"] == {"merge_layer": 2, "keep_ratio": 0.5, "size_weighted": True}
     assert "Whisper" in (out / "calibration.md").read_text()
+    # --check: the recommended SPEC measured again from the cache (no engine), a verdict, no new YAML
+    (out / "recommended.yaml").rename(tmp_path / "rec.yaml")
+    assert C.main([str(model), "--audio", str(audio_dir), "--check", str(tmp_path / "rec.yaml"), "--max-tokens",
+                   "24", "--dtype", "float32", "--kv-cache-gib", "0.25", "--max-model-len", "448", "--target",
+                   "divergence=1", "--out", str(out)]) == 0
+    checked = json.loads((out / "calibration.json").read_text())
+    assert checked["info"]["engines_run"] == 0 and checked["recommended"] is None
+    assert checked["points"][0]["metrics"]["divergence"] == m["divergence"]
+    assert "**Checked**" in (out / "calibration.md").read_text() and not (out / "recommended.yaml").exists()
 
 
 @pytest.mark.parametrize("check, err", [

@@ -602,7 +602,18 @@ def write_report(out: Path, model: str, facts, points: list[Point], results: dic
              f"{info['audio_seconds'] / 60:.1f} min of audio), greedy, up to {info['max_tokens']} tokens; "
              f"stock = vLLM without the plugin; target: {target}. "
              f"{info['engines_run']} engine(s) run now ({info['engine_seconds']:.0f} s), the rest from the cache.", ""]
-    if rec is None:
+    checked = next((p for p in points if p.stage == "checked"), None)
+    if checked is not None:  # --check: a verdict on one SPEC, no recommendation
+        r = results[checked.name]
+        lines += [f"**Checked** `{json.dumps(checked.spec())}`: {'meets' if target.met(r) else 'misses'} the target "
+                  f"on this audio: word divergence {r['divergence']:.1%} [{r['divergence_ci'][0]:.1%}, "
+                  f"{r['divergence_ci'][1]:.1%}], {r['exact']:.0%} of answers identical, KV held "
+                  f"{_pct(r['kv_share'])} of stock's"
+                  + (f", WER {r['stock_wer']:.1%} -> {r['wer']:.1%}, ΔWER {r['dwer'] * 100:+.1f} pts "
+                     f"[{r['dwer_ci'][0] * 100:+.1f}, {r['dwer_ci'][1] * 100:+.1f}]" if "dwer" in r else "")
+                  + f"; rests on {info['answers']} answers.", ""]
+        rec = None
+    elif rec is None:
         lines += ["**No point meets the target**: serve without pooling, or relax the target.", ""]
     else:
         r = results[rec.name]
@@ -810,8 +821,12 @@ def main(argv: list[str] | None = None) -> int:
             "references": references is not None, "machine": machine_line(),
             "command": "vllm-affinity calibrate " + " ".join(argv)}
     write_report(a.out, a.model, facts, points, results, rec, target, notes, warns, info)
-    log(f"report: {a.out / 'calibration.md'}" + (f"; recommended: {a.out / 'recommended.yaml'}" if rec else
-                                                  "; no point meets the target"))
+    if checked is not None:
+        verdict = "meets" if rec is not None else "misses"
+        log(f"report: {a.out / 'calibration.md'}; the checked SPEC {verdict} the target on this audio")
+    else:
+        log(f"report: {a.out / 'calibration.md'}" + (f"; recommended: {a.out / 'recommended.yaml'}" if rec else
+                                                      "; no point meets the target"))
     for w in warns:
         log(f"WARNING: {w}")
     return 0
