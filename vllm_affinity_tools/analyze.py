@@ -108,6 +108,14 @@ def _hook_outputs(layers, sink: list) -> list:
     return [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
 
 
+def _first_call(outputs: list) -> dict:
+    """layer index -> its output at the first call, from the hooks' (index, output) records."""
+    first: dict = {}
+    for i, h in outputs:
+        first.setdefault(i, h)
+    return first
+
+
 def _encoder_rows(h, seconds: float):
     """One clip's encoder-layer output as (n, d) speech rows (see the module docstring)."""
     if h.dim() == 3:
@@ -122,8 +130,9 @@ def analyze(model_dir: str, clips: list[Path], question: str = DEFAULT_QUESTION,
 
     from vllm_affinity_tools.calibrate import model_facts
 
-    facts, _, n_enc, n_dec, _ = model_facts(model_dir)
+    facts, n_enc, n_dec, _ = model_facts(model_dir)
     stats: dict[str, LayerStats] = {}
+    total_seconds = 0.0
 
     def stat(name, kind, index) -> LayerStats:
         return stats.setdefault(name, LayerStats(name, kind, index, []))
@@ -146,6 +155,7 @@ def analyze(model_dir: str, clips: list[Path], question: str = DEFAULT_QUESTION,
         for n, clip in enumerate(clips, 1):
             wave, sr = sf.read(str(clip), dtype="float32")
             seconds = len(wave) / sr
+            total_seconds += seconds
             enc_out: list = []
             hooks = _hook_outputs(enc_layers, enc_out)
             try:
@@ -164,28 +174,22 @@ def analyze(model_dir: str, clips: list[Path], question: str = DEFAULT_QUESTION,
             finally:
                 for h in hooks:
                     h.remove()
-            first_window = {}
-            for i, h in enc_out:  # a layer called once per window / chunk batch: the first call
-                first_window.setdefault(i, h)
-            for i, h in sorted(first_window.items()):
+            # an encoder layer runs once per window / chunk batch: its first window
+            for i, h in sorted(_first_call(enc_out).items()):
                 stat(f"encoder {i}", "encoder", i).add(_encoder_rows(h, seconds))
             for e in lm_inputs:
                 stat("LM input", "input", 0).add(e)
             if dec_out:
                 ids = torch.tensor(out.prompt_token_ids)
                 audio = (ids == ref.audio_token_id).nonzero().flatten()
-                seen = set()
-                for i, h in dec_out:
-                    if i in seen:  # prefill only
-                        continue
-                    seen.add(i)
+                for i, h in _first_call(dec_out).items():  # the prefill, not the decode step
                     stat(f"decoder {i}", "decoder", i).add(h[0, audio])
             log(f"[analyze] {n}/{len(clips)} {clip.name} ({seconds:.1f} s)")
     rows = [s.summary() for s in stats.values() if s.positions]
     order = {"encoder": 0, "input": 1, "decoder": 2}
     rows.sort(key=lambda r: (order[r["kind"]], r["index"]))
     return {"model": model_dir, "architecture": facts.architecture, "name": facts.name, "clips": len(clips),
-            "audio_seconds": sum(sf.info(str(c)).duration for c in clips), "layers": rows,
+            "audio_seconds": total_seconds, "layers": rows,
             "candidates": candidate_layers(facts, n_enc, n_dec)}
 
 
@@ -210,8 +214,8 @@ def candidate_layers(facts, n_enc: int | None, n_dec: int | None) -> dict:
 
     out: dict[str, list[int]] = {"encoder": [], "deep": []}
     for d in plan_directions(facts, encoder_layers=n_enc, decoder_layers=n_dec, stages=("encoder", "deep")):
-        stage, _, layer = d.label.partition(" ")
-        out[stage].append(int(layer.split("=")[1]))
+        p = d.points[0]
+        out[p.stage].append(p.server[p.stage]["merge_layer"])
     return out
 
 

@@ -289,13 +289,10 @@ def combine(points: Sequence[Point], results: dict[str, dict], target: Target) -
     if len(chosen) < 2:
         return None
     spec: dict = {}
-    for p in chosen.values():
-        spec.update(p.spec())  # stages are disjoint keys but for 'input': the input point's wins below
-    if "input" in chosen:
-        spec["input"] = chosen["input"].spec()["input"]
-    order = ("encoder", "input", "deep")
-    return Point(" + ".join(chosen[s].name for s in order if s in chosen), "combined",
-                 {k: spec[k] for k in ("encoder", "input", "deep") if k in spec})
+    for stage in ("encoder", "input", "deep"):  # the input point's own input entry replaces the encoder point's
+        if stage in chosen:
+            spec.update(chosen[stage].spec())
+    return Point(" + ".join(chosen[s].name for s in ("encoder", "input", "deep") if s in chosen), "combined", spec)
 
 
 def savings_key(m: dict) -> tuple:
@@ -445,7 +442,6 @@ class Runner:
     max_tokens: int
     cache: Path
     workdir: Path
-    log: Callable[[str], None] = print
     engines_run: int = 0
     seconds: float = 0.0
 
@@ -502,7 +498,7 @@ class Runner:
 
 # -- accounting ------------------------------------------------------------------------------
 def model_facts(model: str):
-    """(ArchFacts, hf config dict, encoder layers, decoder layers, text config dict)."""
+    """(ArchFacts, encoder layers, decoder layers, text config dict) of a checkpoint directory."""
     from vllm_affinity.architectures import ARCHITECTURES
 
     cfg = json.loads((Path(model) / "config.json").read_text())
@@ -515,27 +511,29 @@ def model_facts(model: str):
     audio = thinker.get("audio_config", cfg)
     enc_layers = audio.get("encoder_layers", audio.get("num_hidden_layers"))
     dec_layers = None if arch == "WhisperForConditionalGeneration" else text.get("num_hidden_layers")
-    return ARCHITECTURES[arch], cfg, enc_layers, dec_layers, text
+    return ARCHITECTURES[arch], enc_layers, dec_layers, text
 
 
 def prefill_flops_share(text_cfg: dict, stock: Sequence[dict], cand: Sequence[dict], point: Point) -> float | None:
     """Analytic LM prefill FLOPs of the candidate over stock's (decoder-only models): the exact
     prompt lengths, and above a deep merge layer the audio rows the plan keeps."""
     from vllm_affinity import accounting, pooling
+    from vllm_affinity.config import load_spec
 
     need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     if not all(k in text_cfg for k in need):
         return None
     cfg = {"num_key_value_heads": text_cfg["num_attention_heads"], **text_cfg}
-    deep = point.spec().get("deep")
+    deep = load_spec(point.spec()).deep
+    layer = None if deep is None else deep.resolve_layer(cfg["num_hidden_layers"])
     total_s = total_c = 0.0
     for s, c in zip(stock, cand):
         total_s += accounting.lm_prefill_flops(cfg, s["prompt_tokens"])
-        if deep:
-            audio = c["audio_tokens"]
-            deep_tokens = c["prompt_tokens"] - audio + pooling.num_kept(audio, deep["keep_ratio"]) if audio else None
-            total_c += accounting.lm_prefill_flops(cfg, c["prompt_tokens"], deep["merge_layer"] % cfg["num_hidden_layers"],
-                                                   deep_tokens) if audio else accounting.lm_prefill_flops(cfg, c["prompt_tokens"])
+        if deep is not None and c["audio_tokens"]:  # one audio per request (limit_mm_per_prompt)
+            tokens = accounting.RequestTokens(prompt=c["prompt_tokens"], audio_in=s["audio_tokens"],
+                                              audio_input=c["audio_tokens"],
+                                              audio_deep=pooling.num_kept(c["audio_tokens"], deep.keep_ratio))
+            total_c += accounting.lm_prefill_flops(cfg, tokens.prompt, layer, tokens.deep_prompt)
         else:
             total_c += accounting.lm_prefill_flops(cfg, c["prompt_tokens"])
     return total_c / total_s if total_s else None
@@ -545,8 +543,8 @@ def measure(point: Point, stock: list[dict], cand: list[dict], references, text_
     m = compare(stock, cand, references, bootstrap)
     mean = statistics.mean
     m["kv_share"] = mean(c["kv_bytes"] for c in cand) / max(1e-9, mean(s["kv_bytes"] for s in stock))
-    m["audio_tokens_share"] = (mean(c["audio_tokens"] for c in cand) / mean(s["audio_tokens"] for s in stock)
-                               if mean(s["audio_tokens"] for s in stock) else None)
+    stock_audio = mean(s["audio_tokens"] for s in stock)
+    m["audio_tokens_share"] = mean(c["audio_tokens"] for c in cand) / stock_audio if stock_audio else None
     m["prompt_tokens_saved"] = mean(s["prompt_tokens"] - c["prompt_tokens"] for s, c in zip(stock, cand))
     m["prefill_flops_share"] = prefill_flops_share(text_cfg, stock, cand, point) if text_cfg else None
     return m
@@ -749,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         target = Target.parse(a.target)
         if target.metric == "dwer" and a.references is None:
             raise ValueError("--target dwer=... needs --references")
-        facts, cfg, enc_layers, dec_layers, text_cfg = model_facts(a.model)
+        facts, enc_layers, dec_layers, text_cfg = model_facts(a.model)
         clips = audio_files(a.audio, a.max_clips)
         whisper = facts.architecture == "WhisperForConditionalGeneration"
         prompts = read_prompts(a.prompts) if a.prompts or not whisper else [whisper_prompt(a.model)]
@@ -776,8 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         engine["max_model_len"] = a.max_model_len
     a.out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(f"[calibrate] {s}", file=sys.stderr, flush=True)  # noqa: E731
-    runner = Runner(a.model, clips, prompts, whisper, engine, a.max_tokens, a.out / "cache.jsonl",
-                    a.out / ".work", log)
+    runner = Runner(a.model, clips, prompts, whisper, engine, a.max_tokens, a.out / "cache.jsonl", a.out / ".work")
     t_start = time.monotonic()
     out_of_time = lambda: (time.monotonic() - t_start) / 60 > a.max_minutes  # noqa: E731
     log(f"{facts.name}: {len(clips)} clips ({seconds / 60:.1f} min) x {len(prompts)} prompt(s); target: {target}; "

@@ -9,15 +9,19 @@ Shared by ``vllm-affinity calibrate`` and ``benchmarks/bench_accuracy.py``.
 from __future__ import annotations
 
 
+def _groups(llm):
+    """The engine's KV-cache groups and the kind of each: ``cross`` or ``self``."""
+    groups = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups
+    return groups, ["cross" if type(g.kv_cache_spec).__name__ == "CrossAttentionSpec" else "self" for g in groups]
+
+
 def record_requests(llm) -> dict[str, dict]:
     """Wrap the engine's KV-cache manager ``free``; return the dict it fills, keyed by the
     engine-core request id: ``{"audio_tokens": [...], "<kind>_kv_bytes": int, ...}`` where
     kind is ``cross`` (encoder-decoder cross-attention) or ``self``. Bytes = blocks held x page
     bytes (padding included) x layers of the group."""
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    kvm = scheduler.kv_cache_manager
-    groups = kvm.kv_cache_config.kv_cache_groups
-    kinds = ["cross" if type(g.kv_cache_spec).__name__ == "CrossAttentionSpec" else "self" for g in groups]
+    kvm = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
+    groups, kinds = _groups(llm)
     page = [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups]
     held: dict[str, dict] = {}
     free = kvm.free
@@ -41,7 +45,6 @@ def by_output_id(held: dict[str, dict]) -> dict[str, dict]:
 
 def kv_layout(llm) -> dict:
     """Head size per KV kind and the block size of the engine's KV-cache groups."""
-    groups = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups
-    kinds = ["cross" if type(g.kv_cache_spec).__name__ == "CrossAttentionSpec" else "self" for g in groups]
+    groups, kinds = _groups(llm)
     return {"head_sizes": {k: g.kv_cache_spec.head_size for k, g in zip(kinds, groups)},
             "block_size": groups[0].kv_cache_spec.block_size}

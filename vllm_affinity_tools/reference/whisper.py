@@ -140,8 +140,6 @@ def encode_merged(model, processor, audio: Audio, merge_layer: int, keep_ratio: 
     return enc.layer_norm(h)[0], sizes, mid
 
 
-
-
 def pool_frames(
     states: torch.Tensor,
     keep_ratio: float = 1.0,
