@@ -49,6 +49,12 @@ class Arch:
     logprob_tol: float = LOGPROB_TOL
     transcription: bool = False  # vLLM's class implements SupportsTranscription
     omni: bool = False  # a Qwen Omni thinker (M-RoPE; use_audio_in_video refused)
+    #: engine settings of every run (e.g. Kimi-Audio takes one audio per prompt)
+    engine_kw: tuple = ()
+    #: extra engine settings of the stock run only
+    stock_engine_kw: tuple = ()
+    #: `vllm serve` needs --chat-template <model>/chat_template.jinja (no template in the tokenizer)
+    chat_template_file: bool = False
 
     def ok(self, parity) -> bool:
         return parity.same_prompt and parity.same_tokens and parity.max_logprob_diff <= self.logprob_tol
@@ -67,6 +73,12 @@ ARCHS = {
     # MoE decoder, chunked encoder like Qwen3-ASR's (13 tokens per second, whole audio)
     "qwen3omni": Arch("Qwen3-Omni", "tiny_qwen3omni", "ReferenceQwen3Omni", "<|audio_start|>", 45 * 13, 4 * 390,
                       omni=True, transcription=True),
+    # the fused LM input (audio + blank embedding) is pooled; the feature extractor keeps 30 s
+    # (390 placeholders); one audio per prompt; stock vLLM's encoder stacks a batch's features
+    # and fails on two lengths (torch.stack), so the stock run takes one request at a time
+    "kimi": Arch("Kimi-Audio", "tiny_kimi", "ReferenceKimiAudio", "<|im_media_begin|>", 390, 390,
+                 transcription=True, engine_kw=(("limit_mm_per_prompt", {"audio": 1}),),
+                 stock_engine_kw=(("max_num_seqs", 1),), chat_template_file=True),
 }
 
 
@@ -126,18 +138,20 @@ def runs(model, clips3, prompt, tmp_path_factory, arch):
     per_ratio = [{"audios": [str(c)], "mm_processor_kwargs": {"affinity_keep_ratio": r}}
                  for r in RATIOS for c in clips3]
     plain = [{"audios": [str(c)]} for c in clips3]
+    kw = dict(arch.engine_kw)
     return {
-        "stock": run_engine_subprocess(_job(model, prompt, plain, None),
+        "stock": run_engine_subprocess({**_job(model, prompt, plain, None),
+                                        "engine_kw_extra": {**kw, **dict(arch.stock_engine_kw)}},
                                        tmp_path_factory.mktemp(f"{arch.builder}-stock"),
                                        env={"VLLM_PLUGINS": "", **dict(arch.stock_env)}),
-        "off": run_engine_subprocess(_job(model, prompt, plain + per_ratio, "off"),
+        "off": run_engine_subprocess({**_job(model, prompt, plain + per_ratio, "off"), "engine_kw_extra": kw},
                                      tmp_path_factory.mktemp(f"{arch.builder}-off")),
         # the deep engine also runs the KV probe (test_deep_kv_blocks_equal_the_plan): block size
         # 32, chunked prefill, the 45 s clip behind a long text prefix
         "deep": run_engine_subprocess(
             {**_job(model, prompt, plain, DEEP_SPEC), "also": ["kv_probe"],
              "long_prompt": prompt.replace(arch.audio_tag, "hello " * 300 + arch.audio_tag),
-             "audio": str(clips3[2]), "engine_kw_extra": {"block_size": BLOCK, "enable_chunked_prefill": True}},
+             "audio": str(clips3[2]), "engine_kw_extra": {**kw, "block_size": BLOCK, "enable_chunked_prefill": True}},
             tmp_path_factory.mktemp(f"{arch.builder}-deep")),
     }
 
@@ -274,8 +288,9 @@ def test_vllm_serve_answers_an_audio_chat_with_the_saving(model, clips3, hf_ref,
         {"type": "text", "text": "What does the speaker say?"}]}]
     # a step budget of 256 (below the longest audio's placeholders, which are never split): the
     # config hook raises it to the longest audio the server accepts, and a 45 s clip is answered
+    extra = ["--chat-template", str(model / "chat_template.jinja")] if arch.chat_template_file else []
     with ServerProcess(model, ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS,
-                               "--max-num-batched-tokens", "256"],
+                               "--max-num-batched-tokens", "256", *extra],
                        log_path=tmp_path / "server.log", served_model_name="af3",
                        env={"VLLM_LOGGING_LEVEL": "DEBUG"}) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=120)

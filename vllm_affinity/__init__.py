@@ -37,12 +37,15 @@ def register() -> None:
 
     # deep stage: its KV-cache spec/manager; every architecture: the config hook (it
     # hands the processor the block size and, with a deep stage, turns it on)
-    from .engine.config_hook import register_config_hook
+    from .architectures import NOT_ADAPTED
+    from .engine.config_hook import register_config_hook, register_refusal_hook
     from .engine.kv import register_kv_spec
 
     register_kv_spec()
     for arch in ARCHITECTURES:
         register_config_hook(arch)
+    for arch in NOT_ADAPTED:  # a SPEC for one of these stops start-up, saying why
+        register_refusal_hook(arch)
 
     from .patches import apply_all
 

@@ -144,12 +144,41 @@ ARCHITECTURES: dict[str, ArchFacts] = {
             "Qwen3-Omni", 30, 390, deep_stage=True, positions="mrope", long_audio="native",
         ),
         ArchFacts(
+            "MoonshotKimiaForCausalLM",
+            "vllm_affinity.adapters.kimi_audio:AffinityKimiAudioForConditionalGeneration",
+            # its feature extractor truncates at 30 s: 390 placeholders at most
+            "Kimi-Audio", 30, 390, deep_stage=True, positions="rope-1d", long_audio="truncate",
+        ),
+        ArchFacts(
             "WhisperForConditionalGeneration",
             "vllm_affinity.adapters.whisper:AffinityWhisperForConditionalGeneration",
             "Whisper", 30, 1500, deep_stage=False, positions="learned", long_audio="truncate",
             size_weighted_in="the decoder's cross-attention", encoder_stage=True,
         ),
     )
+}
+
+
+_NOT_YET = ("not adapted yet: an architecture needs an adapter, a tiny checkpoint and a transformers "
+            "reference its parity tests run against (docs/adapters.md, 'Adding an architecture')")
+
+#: audio architectures vLLM serves that the plugin does not adapt, and why. A server given a
+#: SPEC for one of them stops at start-up with the reason (engine/config_hook.py) instead of
+#: silently serving stock vLLM while the user believes pooling is on.
+NOT_ADAPTED: dict[str, str] = {
+    "VoxtralForConditionalGeneration": (
+        "Voxtral's prompt is built by mistral_common with the audio placeholders already in it (375 "
+        "per 30 s chunk), and vLLM's Voxtral processor only locates them instead of inserting them, so "
+        "the plugin's placeholder rewrite never applies (pooled embeddings would land on the wrong "
+        "positions). What would make it possible: the adapter rewriting the located placeholder run to "
+        "K tokens in the processor's _maybe_apply_prompt_updates (shown feasible on vLLM 0.32 without "
+        "patching mistral_common, not built yet), plus a tiny Mistral-format checkpoint and a reference"
+    ),
+    "GraniteSpeechForConditionalGeneration": _NOT_YET,
+    "MiDashengLMModel": _NOT_YET,
+    "UltravoxModel": _NOT_YET,
+    "Phi4MMForCausalLM": _NOT_YET,
+    "Gemma3nForConditionalGeneration": _NOT_YET,
 }
 
 

@@ -51,7 +51,7 @@ logger = logging.getLogger("vllm.affinity")
 
 NUM_KEPT_FIELD = "affinity_num_kept"
 #: processed-data keys of audio features (their absence means precomputed embeddings)
-FEATURE_KEYS = ("input_features", "input_audio_features")
+FEATURE_KEYS = ("input_features", "input_audio_features", "whisper_input_features")
 SAMPLE_RATE = 16000
 #: attribute set on a ProcessorInputs (a dataclass) that is not a request to count: vLLM's profiling
 #: input (get_dummy_inputs), Whisper's language-detection request

@@ -105,6 +105,33 @@ class AffinityConfigHook(VerifyAndUpdateConfig):
         comp.cudagraph_mode = CUDAGraphMode.NONE
 
 
+class RefuseSpecHook(VerifyAndUpdateConfig):
+    """Audio architectures the plugin does not adapt (``architectures.NOT_ADAPTED``): a SPEC
+    given for one stops start-up naming why; without one the model runs as stock vLLM."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from ..architectures import NOT_ADAPTED
+        from ..config import HF_CONFIG_KEY
+
+        model = vllm_config.model_config
+        if getattr(model.hf_config, HF_CONFIG_KEY, None) in (None, "off"):
+            return
+        arch = next(a for a in model.architectures if a in NOT_ADAPTED)
+        raise ValueError(
+            f"vllm-affinity: {arch} is not supported: {NOT_ADAPTED[arch]}. To serve it as stock vLLM, "
+            f"remove --affinity / hf_overrides.{HF_CONFIG_KEY}")
+
+
+def register_refusal_hook(arch: str) -> None:
+    """Give ``arch`` the refusal hook, unless vLLM has a config hook of its own for it (then a
+    SPEC is ignored there, as before: the plugin never replaces vLLM's own hook)."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    if MODELS_CONFIG_MAP.get(arch, RefuseSpecHook) is RefuseSpecHook:
+        MODELS_CONFIG_MAP[arch] = RefuseSpecHook
+
+
 def register_config_hook(arch: str) -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 

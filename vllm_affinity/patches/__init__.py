@@ -17,6 +17,7 @@ def vllm_version_matches() -> bool:
 
 
 def apply_all() -> None:
-    from . import audio_decode_errors
+    from . import audio_decode_errors, kimi_chat_template
 
     audio_decode_errors.apply()
+    kimi_chat_template.apply()

@@ -9,6 +9,7 @@ from .base import (
     calibrate_keep_ratio,
 )
 from .glmasr import ReferenceGlmAsr
+from .kimi_audio import ReferenceKimiAudio
 from .qwen2_audio import ReferenceQwen2Audio
 from .qwen3asr import ReferenceQwen3Asr
 from .qwen25omni import ReferenceQwen25Omni
@@ -19,6 +20,7 @@ __all__ = [
     "ReferenceQwen2Audio",
     "ReferenceAudioFlamingo3",
     "ReferenceGlmAsr",
+    "ReferenceKimiAudio",
     "ReferenceQwen3Asr",
     "ReferenceQwen25Omni",
     "ReferenceQwen3Omni",
