@@ -4,12 +4,13 @@
                                                 [--kv-heads K] [--seed S] [--sharpen F]
                                                 [--max-audio-len SECONDS]
 
-The GLM-ASR sibling of :mod:`vllm_affinity_tools.tiny_af3` (same tokenizer builder,
-same weight-name rewrite, same sharpening, same reload check): byte-level BPE
-tokenizer with GLM-4's role tokens and GLM-ASR's audio tokens
-(``<|begin_of_audio|>``, the placeholder ``<|pad|>``, ``<|end_of_audio|>``) as special
-tokens, a 128-bin Whisper feature extractor with frame mask, ``GlmAsrProcessor``
-(``audio_token="<|pad|>"``, ``max_audio_len``), a chat template in the hub's layout
+The GLM-ASR sibling of :mod:`vllm_affinity_tools.tiny_af3` (the steps are
+:class:`~.tiny_base.TinyBuilder`'s: same tokenizer builder, same weight-name rewrite, same
+sharpening, same reload check): byte-level BPE tokenizer with GLM-4's role tokens and
+GLM-ASR's audio tokens (``<|begin_of_audio|>``, the placeholder ``<|pad|>``,
+``<|end_of_audio|>``) as special tokens, a 128-bin Whisper feature extractor with frame
+mask, ``GlmAsrProcessor`` (``audio_token="<|pad|>"``, ``max_audio_len``), a chat template
+in the hub's layout
 (``<|user|>\\n<|begin_of_audio|><|pad|><|end_of_audio|><|user|>\\nQUESTION<|assistant|>\\n``)
 and weights saved under the hub's names (``audio_tower.*``,
 ``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``)
@@ -33,10 +34,7 @@ consecutive encoder frames into one ``intermediate_size`` row for the projector
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from . import tiny
-from .tiny import build_tokenizer, sharpen_and_save
+from .tiny_base import SHAPE, TinyBuilder, decoder_config, part_test
 
 AUDIO_TOKEN = "<|pad|>"
 AUDIO_BEGIN, AUDIO_END = "<|begin_of_audio|>", "<|end_of_audio|>"
@@ -56,14 +54,12 @@ AUDIO_PART = f"{AUDIO_BEGIN}{AUDIO_TOKEN}{AUDIO_END}"
 # rendered content is trimmed; an audio part renders as <|begin_of_audio|><|pad|>
 # <|end_of_audio|><|user|>\n), written as an explicit loop over message['content'] so
 # vLLM detects the "openai" content format and leaves audio parts to the template.
-# Audio parts in vLLM's (`{"type": "audio"}`) and transformers' (`{"type": "audio",
-# "audio": ...}`) shapes.
 CHAT_TEMPLATE = (
     "{% for m in messages if m['content'] is not none %}"
     "{% if m['content'] is string %}{% set body = m['content'] %}"
     "{% else %}{% set buf = namespace(v='') %}"
     "{% for c in m['content'] %}"
-    "{% if c['type'] in ['audio', 'audio_url', 'input_audio'] or 'audio' in c %}"
+    "{% if " + part_test("audio") + " %}"
     "{% set buf.v = buf.v + '" + AUDIO_PART + "<|user|>\n' %}"
     "{% elif 'text' in c %}{% set buf.v = buf.v + c['text'] %}{% endif %}"
     "{% endfor %}{% set body = buf.v %}{% endif %}"
@@ -96,71 +92,31 @@ def encoder_config(layers: int, d_model: int, heads: int) -> dict:
 
 def llama_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, eos: int) -> dict:
     """A tiny Llama decoder (every key GlmAsrConfig would otherwise fill from the hub's)."""
-    return tiny.decoder_config(
+    return decoder_config(
         "llama", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
         head_dim=hidden // heads, rms_norm_eps=1e-5, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
         tie_word_embeddings=False, pad_token_id=eot,
     )
 
 
-def build(
-    out_dir: str | Path,
-    *,
-    layers: int = 4,
-    hidden: int = 256,
-    heads: int = 4,
-    kv_heads: int = 2,
-    seed: int = 0,
-    sharpen: float = 8.0,
-    audio_layers: int = 2,
-    audio_d_model: int = 128,
-    audio_heads: int = 2,
-    vocab_size: int = 512,
-    max_audio_len: int = 60,
-    verify: bool = True,
-) -> Path:
-    from transformers import (
-        GlmAsrConfig,
-        GlmAsrForConditionalGeneration,
-        GlmAsrProcessor,
-    )
+class GlmAsr(TinyBuilder):
+    name = "GLM-ASR"
+    defaults = {**SHAPE, "max_audio_len": 60, "verify": True}
+    special_tokens, chat_template, audio_token, eos_token = SPECIAL_TOKENS, CHAT_TEMPLATE, AUDIO_TOKEN, EOS_TOKEN
+    model_class, processor_class = "GlmAsrForConditionalGeneration", "GlmAsrProcessor"
 
-    out = tiny.prepare_out(
-        out_dir, hidden, heads, kv_heads, audio_d_model=audio_d_model, audio_heads=audio_heads, max_audio_len=max_audio_len
-    )
-    tokenizer = build_tokenizer(
-        vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, eos_token=EOS_TOKEN
-    )
-    processor = tiny.whisper_processor(
-        GlmAsrProcessor, tokenizer, CHAT_TEMPLATE,
-        attention_mask=True, audio_token=AUDIO_TOKEN, max_audio_len=max_audio_len,
-    )
-    audio_id, eos, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN, EOS_TOKEN)
+    def config(self, s, tokenizer, ids):
+        from transformers import GlmAsrConfig
 
-    config = GlmAsrConfig(
-        audio_config=encoder_config(audio_layers, audio_d_model, audio_heads),
-        text_config=llama_text_config(vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos),
-        audio_token_id=audio_id,
-        tie_word_embeddings=False,
-    )
-    model = tiny.init_model(GlmAsrForConditionalGeneration, config, seed)
-    sharpen_and_save(model, config, processor, out, sharpen=sharpen, eot=eot, im_end=eos)
-    if verify:
-        check_reload(out, model.state_dict())
-    return out
+        return GlmAsrConfig(
+            audio_config=encoder_config(s.audio_layers, s.audio_d_model, s.audio_heads),
+            text_config=llama_text_config(ids.vocab, s.hidden, s.layers, s.heads, s.kv_heads, eot=ids.eot, eos=ids.eos),
+            audio_token_id=ids.audio,
+            tie_word_embeddings=False,
+        )
 
 
-def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
-    """:func:`~.tiny.check_reload` as ``GlmAsrForConditionalGeneration``."""
-    from transformers import GlmAsrForConditionalGeneration
-
-    tiny.check_reload(GlmAsrForConditionalGeneration, model_dir, expected)
-
-
-def main(argv: list[str] | None = None) -> None:
-    tiny.run_builder(
-        build, "GLM-ASR", "python -m vllm_affinity_tools.tiny_glmasr", __doc__, hidden=256, max_audio_len=True, argv=argv
-    )
+build, check_reload, main = GlmAsr().api()
 
 if __name__ == "__main__":
     main()

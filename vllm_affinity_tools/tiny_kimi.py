@@ -30,10 +30,11 @@ Random init makes attention nearly uniform, which hides position and pooling bug
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 from pathlib import Path
+
+from .tiny_base import Ids, TinyBuilder
 
 WHISPER_SUBFOLDER = "whisper-large-v3"
 AUDIO_BEGIN, AUDIO_BLANK, AUDIO_END = "<|im_media_begin|>", "<|im_kimia_text_blank|>", "<|im_media_end|>"
@@ -112,106 +113,98 @@ def write_tokenizer(out: Path) -> None:
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
-def build(
-    out_dir: str | Path,
-    *,
-    layers: int = 4,
-    hidden: int = 64,
-    heads: int = 2,
-    kv_heads: int = 1,
-    seed: int = 0,
-    sharpen: float = 8.0,
-    audio_layers: int = 2,
-    audio_d_model: int = 64,
-    audio_heads: int = 2,
-    verify: bool = True,
-) -> Path:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperFeatureExtractor
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+class KimiAudio(TinyBuilder):
+    """No transformers model: the checkpoint is a Qwen2 decoder, a Whisper encoder and the VQ
+    adaptor, each built here; the tokenizer is a tiktoken file, not a ``tokenizers`` BPE."""
 
-    out = Path(out_dir)
-    if hidden % heads or heads % kv_heads or hidden // heads < 32:
-        raise ValueError(f"hidden={hidden}, heads={heads}, kv_heads={kv_heads}: need head_dim >= 32 and heads % kv_heads == 0")
-    (out / WHISPER_SUBFOLDER).mkdir(parents=True, exist_ok=True)
-    write_tokenizer(out)
+    name = "Kimi-Audio"
+    defaults = dict(layers=4, hidden=64, heads=2, kv_heads=1, seed=0, sharpen=8.0, audio_layers=2,
+                    audio_d_model=64, audio_heads=2, verify=True)
+    text_model = "lm.model"
 
-    wcfg = WhisperConfig(
-        num_mel_bins=128, encoder_layers=audio_layers, encoder_attention_heads=audio_heads,
-        encoder_ffn_dim=2 * audio_d_model, d_model=audio_d_model, max_source_positions=1500,
-        decoder_layers=1, decoder_attention_heads=audio_heads, decoder_ffn_dim=2 * audio_d_model,
-        vocab_size=64, max_target_positions=64,  # the decoder is not saved: Kimi-Audio has none
-        pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=2,
-        begin_suppress_tokens=None, suppress_tokens=None,
-    )
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
-        bos_token_id=FIRST_SPECIAL, eos_token_id=151645,
-    )
-    config.architectures = ["MoonshotKimiaForCausalLM"]
-    config.kimia_adaptor_input_dim = 4 * audio_d_model
-    config.kimia_media_begin, config.kimia_media_end = 151661, 151663
+    def tokenizer(self, s):
+        return None  # written by save(): tiktoken.model + tokenizer_config.json
 
-    torch.manual_seed(seed)
-    lm = Qwen2ForCausalLM(config).eval()
-    encoder = WhisperEncoder(wcfg).eval()
-    adaptor = {
-        "0": torch.nn.Linear(4 * audio_d_model, hidden),
-        "3": torch.nn.Linear(hidden, hidden),
-        "4": torch.nn.LayerNorm(hidden),
-    }
-    with torch.no_grad():
-        for layer in lm.model.layers:
-            layer.self_attn.q_proj.weight.mul_(sharpen)
-            layer.self_attn.k_proj.weight.mul_(sharpen)
-        # a LayerNorm at its init (1, 0) would hide a wrong scale or shift
-        adaptor["4"].weight.uniform_(0.5, 1.5)
-        adaptor["4"].bias.normal_(0.0, 0.1)
-    # transformers' Qwen2 names are the hub's (model.layers.*, ...); the lm_head is tied
-    state = {k: v.contiguous() for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
-    for idx, mod in adaptor.items():
-        for name, p in mod.state_dict().items():
-            state[f"model.vq_adaptor.layers.{idx}.{name}"] = p.contiguous()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out)
-    gen = {"eos_token_id": 151645, "pad_token_id": 151644, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    def processor(self, tokenizer, s):
+        return None  # vLLM's KimiAudioProcessor is assembled from the files at load time
 
-    sub = out / WHISPER_SUBFOLDER
-    enc_state = {f"model.encoder.{k}": v.contiguous() for k, v in encoder.state_dict().items()}
-    save_file(enc_state, str(sub / "model.safetensors"), metadata={"format": "pt"})
-    wcfg.save_pretrained(sub)
-    WhisperFeatureExtractor(feature_size=128).save_pretrained(sub)
-    if verify:
-        check_reload(out)
-    return out
+    def ids(self, tokenizer) -> Ids:
+        return Ids(audio=151666, eos=151645, eot=151644, vocab=VOCAB_SIZE)
+
+    def config(self, s, tokenizer, ids):
+        from transformers import Qwen2Config, WhisperConfig
+
+        whisper = WhisperConfig(
+            num_mel_bins=128, encoder_layers=s.audio_layers, encoder_attention_heads=s.audio_heads,
+            encoder_ffn_dim=2 * s.audio_d_model, d_model=s.audio_d_model, max_source_positions=1500,
+            decoder_layers=1, decoder_attention_heads=s.audio_heads, decoder_ffn_dim=2 * s.audio_d_model,
+            vocab_size=64, max_target_positions=64,  # the decoder is not saved: Kimi-Audio has none
+            pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=2,
+            begin_suppress_tokens=None, suppress_tokens=None,
+        )
+        config = Qwen2Config(
+            vocab_size=ids.vocab, hidden_size=s.hidden, intermediate_size=2 * s.hidden, num_hidden_layers=s.layers,
+            num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, max_position_embeddings=4096,
+            rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+            bos_token_id=FIRST_SPECIAL, eos_token_id=ids.eos,
+        )
+        config.architectures = ["MoonshotKimiaForCausalLM"]
+        config.kimia_adaptor_input_dim = 4 * s.audio_d_model
+        config.kimia_media_begin, config.kimia_media_end = 151661, 151663
+        config.whisper = whisper  # saved in the sub-folder, not in config.json (see save)
+        return config
+
+    def model(self, config, s):
+        import torch
+        from transformers import Qwen2ForCausalLM
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        whisper = config.whisper
+        del config.whisper
+        torch.manual_seed(s.seed)
+        lm = Qwen2ForCausalLM(config).eval()
+        encoder = WhisperEncoder(whisper).eval()
+        adaptor = {
+            "0": torch.nn.Linear(4 * s.audio_d_model, s.hidden),
+            "3": torch.nn.Linear(s.hidden, s.hidden),
+            "4": torch.nn.LayerNorm(s.hidden),
+        }
+        with torch.no_grad():  # a LayerNorm at its init (1, 0) would hide a wrong scale or shift
+            adaptor["4"].weight.uniform_(0.5, 1.5)
+            adaptor["4"].bias.normal_(0.0, 0.1)
+        parts = torch.nn.Module()  # one module: the base sharpens parts.lm.model
+        parts.lm, parts.encoder, parts.adaptor, parts.whisper = lm, encoder, torch.nn.ModuleDict(adaptor), whisper
+        return parts
+
+    def save(self, out: Path, model, config, processor, ids: Ids) -> None:
+        from safetensors.torch import save_file
+        from transformers import WhisperFeatureExtractor
+
+        write_tokenizer(out)
+        # transformers' Qwen2 names are the hub's (model.layers.*, ...); the lm_head is tied
+        state = {k: v.contiguous() for k, v in model.lm.state_dict().items() if not k.startswith("lm_head.")}
+        for idx, mod in model.adaptor.items():
+            for name, p in mod.state_dict().items():
+                state[f"model.vq_adaptor.layers.{idx}.{name}"] = p.contiguous()
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(out)
+        gen = {"eos_token_id": ids.eos, "pad_token_id": ids.eot, "do_sample": False}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        sub = out / WHISPER_SUBFOLDER
+        sub.mkdir(exist_ok=True)
+        enc_state = {f"model.encoder.{k}": v.contiguous() for k, v in model.encoder.state_dict().items()}
+        save_file(enc_state, str(sub / "model.safetensors"), metadata={"format": "pt"})
+        model.whisper.save_pretrained(sub)
+        WhisperFeatureExtractor(feature_size=128).save_pretrained(sub)
+
+    def check_reload(self, model_dir, expected=None) -> None:
+        """The reference loads the checkpoint with no tensor missing or unexpected."""
+        from .reference.kimi_audio import ReferenceKimiAudio
+
+        ReferenceKimiAudio(str(model_dir))
 
 
-def check_reload(model_dir: str | Path) -> None:
-    """The reference loads the checkpoint with no missing tensor."""
-    from .reference.kimi_audio import ReferenceKimiAudio
-
-    ReferenceKimiAudio(str(model_dir))
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m vllm_affinity_tools.tiny_kimi", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out_dir")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--kv-heads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sharpen", type=float, default=8.0)
-    a = ap.parse_args(argv)
-    out = build(a.out_dir, layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, seed=a.seed,
-                sharpen=a.sharpen)
-    print(f"[tiny_kimi] built a tiny Kimi-Audio checkpoint in {out}")
-
+build, check_reload, main = KimiAudio().api()
 
 if __name__ == "__main__":
     main()

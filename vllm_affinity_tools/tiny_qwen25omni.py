@@ -3,8 +3,9 @@
     python -m vllm_affinity_tools.tiny_qwen25omni OUT_DIR [--layers N] [--hidden H] [--heads A]
                                                    [--kv-heads K] [--seed S] [--sharpen F]
 
-The Qwen2.5-Omni sibling of :mod:`vllm_affinity_tools.tiny_qwen3asr`: byte-level BPE
-tokenizer (:func:`~.tiny.build_tokenizer`) with Qwen's role tokens and Qwen2.5-Omni's
+The Qwen2.5-Omni sibling of :mod:`vllm_affinity_tools.tiny_qwen3asr` (the steps are
+:class:`~.tiny_base.TinyBuilder`'s): byte-level BPE tokenizer
+(:func:`~.tiny_base.build_tokenizer`) with Qwen's role tokens and Qwen2.5-Omni's
 audio / vision tokens (``<|audio_bos|>``, the placeholder ``<|AUDIO|>``,
 ``<|audio_eos|>``, ``<|vision_start|>``, ``<|IMAGE|>``, ``<|VIDEO|>``,
 ``<|vision_end|>``) as special tokens, registered as the tokenizer's ``audio_token`` /
@@ -38,57 +39,44 @@ model is Qwen2 with head_dim 64 and M-RoPE (``rope_parameters`` with ``mrope_sec
 [8, 12, 12], the real model's [16, 24, 24] scaled to head_dim 64; rope_theta 1e6). The
 vision tower is one block of hidden 64, 1 head (head_dim 64), ``out_hidden_size`` = the
 text hidden size; images / videos are capped at 16 merged patches. ``--sharpen`` scales
-the text layers' q/k projections (Qwen2 has no q/k norm), :func:`~.tiny.sharpen_and_save`.
+the text layers' q/k projections (Qwen2 has no q/k norm), :func:`~.tiny_base.sharpen_qk`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
-
-from . import tiny
-from .tiny import sharpen_and_save
+from .tiny_base import (
+    QWEN_TOKENS,
+    SHAPE,
+    OmniThinker,
+    audio_encoder_config,
+    decoder_config,
+    qwen_chat_template,
+    qwen_prompt,
+    token_roles,
+    whisper_processor,
+)
 
 # conv1/conv2 gains so the audio, not the positions, sets the frames: see
-# tiny.amplify_audio_frontend (cut margin of the test clips 0 (a deep-stage tie) -> 1.7e-4)
+# tiny_base.amplify_audio_frontend (cut margin of the test clips 0 (a deep-stage tie) -> 1.7e-4)
 FRONTEND_GAIN = {"conv1": 10.0, "conv2": 10.0}
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BEGIN, AUDIO_END = "<|audio_bos|>", "<|audio_eos|>"
 IMAGE_TOKEN, VIDEO_TOKEN = "<|IMAGE|>", "<|VIDEO|>"
 VISION_BEGIN, VISION_END = "<|vision_start|>", "<|vision_end|>"
 EOS_TOKEN = "<|im_end|>"
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    AUDIO_BEGIN,
-    AUDIO_TOKEN,
-    AUDIO_END,
-    VISION_BEGIN,
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
-    VISION_END,
-]
+SPECIAL_TOKENS = [*QWEN_TOKENS, AUDIO_BEGIN, AUDIO_TOKEN, AUDIO_END, VISION_BEGIN, IMAGE_TOKEN, VIDEO_TOKEN, VISION_END]
 AUDIO_PART = f"{AUDIO_BEGIN}{AUDIO_TOKEN}{AUDIO_END}"  # the hub template's audio part (no add_audio_id)
 SYSTEM = "You are a helpful assistant."
 
-# The hub template's layout (default system turn; per content part: image / video in the
-# vision brackets, audio in the audio brackets, text as is), written as an explicit loop
-# over message['content'] so vLLM detects the "openai" content format. Parts in vLLM's
-# (`{"type": "audio"}`) and transformers' (`{"type": "audio", "audio": ...}`) shapes.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if loop.first and m['role'] != 'system' %}"
-    "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] in ['image', 'image_url'] or 'image' in c %}" + VISION_BEGIN + IMAGE_TOKEN + VISION_END + ""
-    "{% elif c['type'] in ['audio', 'audio_url', 'input_audio'] or 'audio' in c %}" + AUDIO_PART + ""
-    "{% elif c['type'] in ['video', 'video_url'] or 'video' in c %}" + VISION_BEGIN + VIDEO_TOKEN + VISION_END + ""
-    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+# The hub template's layout: default system turn; per content part: image / video in the
+# vision brackets, audio in the audio brackets, text as is.
+CHAT_TEMPLATE = qwen_chat_template(
+    {
+        "image": VISION_BEGIN + IMAGE_TOKEN + VISION_END,
+        "audio": AUDIO_PART,
+        "video": VISION_BEGIN + VIDEO_TOKEN + VISION_END,
+    },
+    system=SYSTEM,
 )
 
 MROPE_SECTION = [8, 12, 12]  # sums to head_dim / 2 = 32 (the real model: [16, 24, 24], head_dim 128)
@@ -99,16 +87,13 @@ MAX_PIXELS = (PATCH * MERGE) ** 2 * 16  # 16 merged patches
 
 def prompt(question: str, system: str = SYSTEM) -> str:
     """The rendered Qwen2.5-Omni prompt for one user turn of [audio, text]."""
-    return (
-        f"<|im_start|>system\n{system}<|im_end|>\n"
-        f"<|im_start|>user\n{AUDIO_PART}{question}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    return qwen_prompt(AUDIO_PART + question, system)
 
 
 def audio_config(layers: int, d_model: int, heads: int, output_dim: int) -> dict:
     """A tiny Qwen2.5-Omni audio encoder (128 mel bins, 100-frame chunks, 1500 positions)."""
     return {
-        **tiny.audio_encoder_config("qwen2_5_omni_audio_encoder", layers, d_model, heads),
+        **audio_encoder_config("qwen2_5_omni_audio_encoder", layers, d_model, heads),
         "output_dim": output_dim,
         "n_window": 50,  # 2 * n_window = 100-frame chunks (the 7B: n_window 100); the count does not depend on it
     }
@@ -133,7 +118,7 @@ def vision_config(out_hidden: int) -> dict:
 
 def text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, *, eot: int, eos: int) -> dict:
     """A tiny Qwen2.5-Omni (Qwen2) decoder: head_dim 64, M-RoPE, untied embeddings."""
-    return tiny.decoder_config(
+    return decoder_config(
         "qwen2_5_omni_text", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
         rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=eot,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(MROPE_SECTION)},
@@ -166,127 +151,70 @@ def token2wav_config() -> dict:
     }
 
 
-def _tokenizer(vocab_size: int):
-    return tiny.build_tokenizer_with_roles(
-        vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, eos_token=EOS_TOKEN,
-        roles={
-            "audio_token": AUDIO_TOKEN,
-            "audio_bos_token": AUDIO_BEGIN,
-            "audio_eos_token": AUDIO_END,
-            "image_token": IMAGE_TOKEN,
-            "video_token": VIDEO_TOKEN,
-            "vision_bos_token": VISION_BEGIN,
-            "vision_eos_token": VISION_END,
-        },
-    )
+class Qwen25Omni(OmniThinker):
+    name = "Qwen2.5-Omni"
+    defaults = {**SHAPE, "verify": True}
+    special_tokens, chat_template, audio_token, eos_token = SPECIAL_TOKENS, CHAT_TEMPLATE, AUDIO_TOKEN, EOS_TOKEN
+    roles = token_roles(AUDIO_TOKEN, AUDIO_BEGIN, AUDIO_END, IMAGE_TOKEN, VIDEO_TOKEN, VISION_BEGIN, VISION_END)
+    model_class = "Qwen2_5OmniForConditionalGeneration"
+    frontend_gain = FRONTEND_GAIN
+    # the thinker, the part vLLM serves (it reads thinker_config and the thinker.* tensors of
+    # the top-level checkpoint). The top-level class is not used: its from_pretrained insists
+    # on a speaker file (spk_dict.pt) even with audio output off.
+    reload = (("Qwen2_5OmniThinkerForConditionalGeneration", "thinker."),)
+
+    def check_shape(self, s):
+        if 2 * sum(MROPE_SECTION) != s.hidden // s.heads:
+            raise ValueError(
+                f"mrope_section {MROPE_SECTION} needs head_dim {2 * sum(MROPE_SECTION)}, got {s.hidden // s.heads}"
+            )
+
+    def processor(self, tokenizer, s):
+        from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+        vision = {
+            "patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": TEMPORAL,
+            "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
+            "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+        }
+        return whisper_processor(
+            Qwen2_5OmniProcessor, tokenizer, CHAT_TEMPLATE,
+            image_processor=Qwen2VLImageProcessor(**vision), video_processor=Qwen2VLVideoProcessor(**vision),
+        )
+
+    def config(self, s, tokenizer, ids):
+        from transformers import Qwen2_5OmniConfig
+
+        tid = tokenizer.convert_tokens_to_ids
+        token_ids = {
+            "audio_token_index": ids.audio,
+            "image_token_index": tid(IMAGE_TOKEN),
+            "video_token_index": tid(VIDEO_TOKEN),
+            "audio_start_token_id": tid(AUDIO_BEGIN),
+            "audio_end_token_id": tid(AUDIO_END),
+            "vision_start_token_id": tid(VISION_BEGIN),
+            "vision_end_token_id": tid(VISION_END),
+        }
+        thinker = {
+            "audio_config": audio_config(s.audio_layers, s.audio_d_model, s.audio_heads, s.hidden),
+            "vision_config": vision_config(s.hidden),
+            "text_config": text_config(ids.vocab, s.hidden, s.layers, s.heads, s.kv_heads, eot=ids.eot, eos=ids.eos),
+            "user_token_id": tokenizer("user", add_special_tokens=False)["input_ids"][0],
+            "tie_word_embeddings": False,
+            "pad_token_id": ids.eot,
+            "eos_token_id": ids.eos,
+            **token_ids,
+        }
+        return Qwen2_5OmniConfig(
+            thinker_config=thinker,
+            talker_config=talker_config(ids.vocab, s.hidden, token_ids),
+            token2wav_config=token2wav_config(),
+            enable_audio_output=False,
+            tie_word_embeddings=False,
+        )
 
 
-def _processor(tokenizer):
-    from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
-        Qwen2VLImageProcessor,
-    )
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
-        Qwen2VLVideoProcessor,
-    )
-
-    vision = {
-        "patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": TEMPORAL,
-        "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
-        "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
-    }
-    return Qwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessor(**vision),
-        video_processor=Qwen2VLVideoProcessor(**vision),
-        feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=30),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def build(
-    out_dir: str | Path,
-    *,
-    layers: int = 4,
-    hidden: int = 256,
-    heads: int = 4,
-    kv_heads: int = 2,
-    seed: int = 0,
-    sharpen: float = 8.0,
-    audio_layers: int = 2,
-    audio_d_model: int = 128,
-    audio_heads: int = 2,
-    vocab_size: int = 512,
-    verify: bool = True,
-) -> Path:
-    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
-
-    out = tiny.prepare_out(out_dir, hidden, heads, kv_heads, audio_d_model=audio_d_model, audio_heads=audio_heads)
-    if 2 * sum(MROPE_SECTION) != hidden // heads:
-        raise ValueError(f"mrope_section {MROPE_SECTION} needs head_dim {2 * sum(MROPE_SECTION)}, got {hidden // heads}")
-    tokenizer = _tokenizer(vocab_size)
-    processor = _processor(tokenizer)
-    audio_id, eos, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN, EOS_TOKEN)
-    tid = tokenizer.convert_tokens_to_ids
-    ids = {
-        "audio_token_index": audio_id,
-        "image_token_index": tid(IMAGE_TOKEN),
-        "video_token_index": tid(VIDEO_TOKEN),
-        "audio_start_token_id": tid(AUDIO_BEGIN),
-        "audio_end_token_id": tid(AUDIO_END),
-        "vision_start_token_id": tid(VISION_BEGIN),
-        "vision_end_token_id": tid(VISION_END),
-    }
-    user_ids = tokenizer("user", add_special_tokens=False)["input_ids"]
-
-    thinker = {
-        "audio_config": audio_config(audio_layers, audio_d_model, audio_heads, hidden),
-        "vision_config": vision_config(hidden),
-        "text_config": text_config(vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos),
-        "user_token_id": user_ids[0],
-        "tie_word_embeddings": False,
-        "pad_token_id": eot,
-        "eos_token_id": eos,
-        **ids,
-    }
-    config = Qwen2_5OmniConfig(
-        thinker_config=thinker,
-        talker_config=talker_config(vocab, hidden, ids),
-        token2wav_config=token2wav_config(),
-        enable_audio_output=False,
-        tie_word_embeddings=False,
-    )
-    model = tiny.init_model(Qwen2_5OmniForConditionalGeneration, config, seed)
-    tiny.amplify_audio_frontend(model.thinker, FRONTEND_GAIN)
-    # sharpen_and_save scales model.model.language_model.layers' q/k and saves
-    # model.state_dict(): point it at the thinker's text model, keep the names (thinker.*)
-    view = SimpleNamespace(model=SimpleNamespace(language_model=model.thinker.model), state_dict=model.state_dict)
-    sharpen_and_save(view, config, processor, out, sharpen=sharpen, eot=eot, im_end=eos, hub_name=_saved_name)
-    if verify:
-        check_reload(out, model.thinker.state_dict())
-    return out
-
-
-def _saved_name(name: str) -> str:
-    """transformers' own names (``thinker.*``), which are the hub's."""
-    return name
-
-
-def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
-    """:func:`~.tiny.check_reload` as ``Qwen2_5OmniThinkerForConditionalGeneration`` (the
-    part vLLM serves; it reads ``thinker_config`` and the ``thinker.*`` tensors of the
-    top-level checkpoint), ``expected`` in the thinker's own names (no ``thinker.``).
-    The top-level class is not used: its ``from_pretrained`` insists on a speaker file
-    (``spk_dict.pt``) even with audio output off."""
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-    tiny.check_reload(Qwen2_5OmniThinkerForConditionalGeneration, model_dir, expected)
-
-
-def main(argv: list[str] | None = None) -> None:
-    tiny.run_builder(
-        build, "Qwen2.5-Omni", "python -m vllm_affinity_tools.tiny_qwen25omni", __doc__, hidden=256, argv=argv
-    )
+build, check_reload, main = Qwen25Omni().api()
 
 if __name__ == "__main__":
     main()

@@ -4,14 +4,14 @@
                                                   [--kv-heads K] [--seed S] [--sharpen F]
 
 The Qwen3-Omni sibling of :mod:`vllm_affinity_tools.tiny_qwen3asr` (whose audio encoder
-is the same family): a top-level ``Qwen3OmniMoeConfig`` (architecture
-``Qwen3OmniMoeForConditionalGeneration``, what vLLM's registry maps to its
+is the same family; the steps are :class:`~.tiny_base.TinyBuilder`'s): a top-level
+``Qwen3OmniMoeConfig`` (architecture ``Qwen3OmniMoeForConditionalGeneration``, what vLLM's registry maps to its
 ``Qwen3OmniMoeThinkerForConditionalGeneration``) with ``enable_audio_output=False``, so
 only the thinker exists and is saved; ``talker_config`` / ``code2wav_config`` stay at
 their defaults, config only (vLLM drops ``talker.*`` / ``code2wav.*`` weights and builds
 neither; transformers builds neither without ``enable_audio_output``).
 
-* Tokenizer: byte-level BPE (:func:`~.tiny.build_tokenizer`) with Qwen's role tokens and
+* Tokenizer: byte-level BPE (:func:`~.tiny_base.build_tokenizer`) with Qwen's role tokens and
   Qwen3-Omni's multimodal tokens (``<|audio_start|>``, the placeholder ``<|audio_pad|>``,
   ``<|audio_end|>``, ``<|vision_start|>``, ``<|image_pad|>``, ``<|video_pad|>``,
   ``<|vision_end|>``) as special tokens, registered as the tokenizer's ``audio_token`` /
@@ -52,8 +52,8 @@ attention over ``n_window_infer`` 800 frames) has d_model 128, 2 heads (head_dim
 ``output_dim`` = the text hidden size. The vision tower is 2 blocks of width 64
 (2 heads), deepstack after block 1, ``out_hidden_size`` = the text hidden size.
 Qwen3 has per-head q/k RMSNorm: scaling ``q_proj`` would be normalised away, so
-``--sharpen`` scales the ``q_norm`` / ``k_norm`` weights instead (x F each; the shared
-:func:`~.tiny.sharpen_and_save` then runs with 1.0, an exact no-op). Default x4, not
+``--sharpen`` scales the ``q_norm`` / ``k_norm`` weights instead (x F each,
+:func:`~.tiny_base.sharpen_qk` with ``norms``). Default x4, not
 the other builders' x8: each norm scale multiplies the attention logits, and at x8 (logits
 x64) vLLM's and transformers' float paths already differ by up to 1.2e-3 in log-prob on a
 425-token text prompt (x4: 5e-5), while x4 still moves log-probs by ~0.9 when the audio is
@@ -62,54 +62,34 @@ pooled to 0.74.
 
 from __future__ import annotations
 
-import types
-from pathlib import Path
+from . import tiny_qwen3asr
+from .tiny_base import (
+    QWEN_TOKENS,
+    SHAPE,
+    OmniThinker,
+    decoder_config,
+    qwen_chat_template,
+    qwen_prompt,
+    token_roles,
+    whisper_processor,
+)
 
-from . import tiny
-from .tiny import sharpen_and_save
 # the audio encoder is Qwen3-ASR's, so are its front-end gains (cut margin here 6e-8 -> 5e-4)
-from .tiny_qwen3asr import FRONTEND_GAIN
-
+FRONTEND_GAIN = tiny_qwen3asr.FRONTEND_GAIN
 SHARPEN = 4.0  # see the module docstring
 AUDIO_TOKEN = "<|audio_pad|>"
 AUDIO_BEGIN, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 VISION_BEGIN, VISION_END = "<|vision_start|>", "<|vision_end|>"
 EOS_TOKEN = "<|im_end|>"
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    AUDIO_BEGIN,
-    AUDIO_TOKEN,
-    AUDIO_END,
-    VISION_BEGIN,
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
-    VISION_END,
-]
+SPECIAL_TOKENS = [*QWEN_TOKENS, AUDIO_BEGIN, AUDIO_TOKEN, AUDIO_END, VISION_BEGIN, IMAGE_TOKEN, VIDEO_TOKEN, VISION_END]
 AUDIO_PART = f"{AUDIO_BEGIN}{AUDIO_TOKEN}{AUDIO_END}"  # vLLM's get_placeholder_str
 IMAGE_PART = f"{VISION_BEGIN}{IMAGE_TOKEN}{VISION_END}"
 VIDEO_PART = f"{VISION_BEGIN}{VIDEO_TOKEN}{VISION_END}"
 
 # The hub template's layout: Qwen chat roles, no default system turn, each media part
-# as its brackets with one placeholder, the text directly after. Parts in vLLM's
-# (`{"type": "audio"}`) and transformers' (`{"type": "audio", "audio": ...}`) shapes.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] in ['audio', 'audio_url', 'input_audio'] or 'audio' in c %}"
-    "" + AUDIO_PART + ""
-    "{% elif c['type'] in ['image', 'image_url'] or 'image' in c %}"
-    "" + IMAGE_PART + ""
-    "{% elif c['type'] in ['video', 'video_url'] or 'video' in c %}"
-    "" + VIDEO_PART + ""
-    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# as its brackets with one placeholder, the text directly after.
+CHAT_TEMPLATE = qwen_chat_template({"audio": AUDIO_PART, "image": IMAGE_PART, "video": VIDEO_PART})
 
 # hub: patch 16, temporal 2, merge 2, CLIP-style 0.5 mean/std; tiny pixel budgets
 # (one merged token = (16 * 2) ** 2 = 1024 pixels): 1..16 tokens per image / frame pair
@@ -123,22 +103,15 @@ _MIN_PIXELS, _MAX_PIXELS = 1024, 16 * 1024
 
 def prompt(question: str) -> str:
     """The rendered Qwen3-Omni prompt for one user turn of [audio, text]."""
-    return f"<|im_start|>user\n{AUDIO_PART}{question}<|im_end|>\n<|im_start|>assistant\n"
+    return qwen_prompt(AUDIO_PART + question)
 
 
 def encoder_config(layers: int, d_model: int, heads: int, output_dim: int) -> dict:
-    """A tiny Qwen3-Omni audio encoder (128 mel bins, 100-frame chunks, n_window 50)."""
+    """A tiny Qwen3-Omni audio encoder: Qwen3-ASR's (128 mel bins, 100-frame chunks,
+    n_window 50), 1500 positions."""
     return {
+        **tiny_qwen3asr.encoder_config(layers, d_model, heads, output_dim),
         "model_type": "qwen3_omni_moe_audio_encoder",
-        "num_mel_bins": 128,
-        "encoder_layers": layers,
-        "encoder_attention_heads": heads,
-        "encoder_ffn_dim": 2 * d_model,
-        "d_model": d_model,
-        "output_dim": output_dim,
-        "downsample_hidden_size": 32,
-        "n_window": 50,  # vLLM's counting hard-codes 100-frame chunks
-        "n_window_infer": 800,
         "max_source_positions": 1500,
     }
 
@@ -174,7 +147,7 @@ def text_config(
     scale = head_dim / 128
     h = w = round(20 * scale)
     section = [head_dim // 2 - h - w, h, w]
-    return tiny.decoder_config(
+    return decoder_config(
         "qwen3_omni_moe_text", vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
         head_dim=head_dim, rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=eot,
         rope_parameters={
@@ -186,141 +159,68 @@ def text_config(
     )
 
 
-def _tokenizer(vocab_size: int):
-    return tiny.build_tokenizer_with_roles(
-        vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE, eos_token=EOS_TOKEN,
-        roles={
-            "audio_token": AUDIO_TOKEN,
-            "audio_bos_token": AUDIO_BEGIN,
-            "audio_eos_token": AUDIO_END,
-            "image_token": IMAGE_TOKEN,
-            "video_token": VIDEO_TOKEN,
-            "vision_bos_token": VISION_BEGIN,
-            "vision_eos_token": VISION_END,
-        },
+class Qwen3Omni(OmniThinker):
+    name = "Qwen3-Omni"
+    defaults = {**SHAPE, "sharpen": SHARPEN, "experts": 4, "top_k": 2, "moe_intermediate": 128, "verify": True}
+    special_tokens, chat_template, audio_token, eos_token = SPECIAL_TOKENS, CHAT_TEMPLATE, AUDIO_TOKEN, EOS_TOKEN
+    roles = token_roles(AUDIO_TOKEN, AUDIO_BEGIN, AUDIO_END, IMAGE_TOKEN, VIDEO_TOKEN, VISION_BEGIN, VISION_END)
+    model_class = "Qwen3OmniMoeForConditionalGeneration"
+    frontend_gain = FRONTEND_GAIN
+    qk_norm = True  # q/k RMSNorm would undo a q_proj/k_proj scale
+    # the full model (the very same tensors), then the thinker the reference loads
+    reload = (
+        ("Qwen3OmniMoeForConditionalGeneration", ""),
+        ("Qwen3OmniMoeThinkerForConditionalGeneration", "thinker."),
     )
 
+    def processor(self, tokenizer, s):
+        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3OmniMoeProcessor
 
-def _processor(tokenizer):
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-        Qwen3OmniMoeProcessor,
-        WhisperFeatureExtractor,
-    )
+        size = {"shortest_edge": _MIN_PIXELS, "longest_edge": _MAX_PIXELS}
+        return whisper_processor(
+            Qwen3OmniMoeProcessor, tokenizer, CHAT_TEMPLATE, attention_mask=True, chunk_length=300,
+            image_processor=Qwen2VLImageProcessor(size=size, **_VISION_KW),
+            video_processor=Qwen2VLVideoProcessor(size=size, min_frames=2, max_frames=8, **_VISION_KW),
+        )
 
-    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=300, return_attention_mask=True)
-    size = {"shortest_edge": _MIN_PIXELS, "longest_edge": _MAX_PIXELS}
-    image = Qwen2VLImageProcessor(size=size, **_VISION_KW)
-    video = Qwen2VLVideoProcessor(size=size, min_frames=2, max_frames=8, **_VISION_KW)
-    return Qwen3OmniMoeProcessor(
-        image_processor=image, video_processor=video, feature_extractor=fe, tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
+    def config(self, s, tokenizer, ids):
+        from transformers import Qwen3OmniMoeConfig
 
-
-def _saved_name(name: str) -> str:
-    """transformers' own names (``thinker.*``), the hub's layout."""
-    if not name.startswith("thinker."):
-        raise ValueError(f"unexpected parameter name {name!r}")
-    return name
-
-
-def build(
-    out_dir: str | Path,
-    *,
-    layers: int = 4,
-    hidden: int = 256,
-    heads: int = 4,
-    kv_heads: int = 2,
-    seed: int = 0,
-    sharpen: float = SHARPEN,
-    audio_layers: int = 2,
-    audio_d_model: int = 128,
-    audio_heads: int = 2,
-    experts: int = 4,
-    top_k: int = 2,
-    moe_intermediate: int = 128,
-    vocab_size: int = 512,
-    verify: bool = True,
-) -> Path:
-    import torch
-    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
-
-    out = tiny.prepare_out(out_dir, hidden, heads, kv_heads, audio_d_model=audio_d_model, audio_heads=audio_heads)
-    tokenizer = _tokenizer(vocab_size)
-    processor = _processor(tokenizer)
-    audio_id, eos, eot, vocab = tiny.special_ids(tokenizer, AUDIO_TOKEN, EOS_TOKEN)
-    ids = tokenizer.convert_tokens_to_ids
-
-    thinker = {
-        "audio_config": encoder_config(audio_layers, audio_d_model, audio_heads, hidden),
-        "vision_config": vision_config(hidden),
-        "text_config": text_config(
-            vocab, hidden, layers, heads, kv_heads, eot=eot, eos=eos,
-            experts=experts, top_k=top_k, moe_intermediate=moe_intermediate,
-        ),
-        "audio_token_id": audio_id,
-        "audio_start_token_id": ids(AUDIO_BEGIN),
-        # not declared by Qwen3OmniMoeThinkerConfig but in the hub's config and read:
-        # transformers' get_rope_index (vision start), vLLM's audio-in-video (audio end)
-        "audio_end_token_id": ids(AUDIO_END),
-        "vision_start_token_id": ids(VISION_BEGIN),
-        "vision_end_token_id": ids(VISION_END),
-        "image_token_id": ids(IMAGE_TOKEN),
-        "video_token_id": ids(VIDEO_TOKEN),
-        "user_token_id": tokenizer("user", add_special_tokens=False)["input_ids"][0],
-        "position_id_per_seconds": 25,
-        "tie_word_embeddings": False,
-        "pad_token_id": eot,
-        "eos_token_id": eos,
-    }
-    config = Qwen3OmniMoeConfig(
-        thinker_config=thinker,
-        enable_audio_output=False,
-        im_start_token_id=ids("<|im_start|>"),
-        im_end_token_id=eos,
-        pad_token_id=eot,
-        eos_token_id=eos,
-        tie_word_embeddings=False,
-    )
-    model = tiny.init_model(Qwen3OmniMoeForConditionalGeneration, config, seed)
-    tiny.amplify_audio_frontend(model.thinker, FRONTEND_GAIN)
-    text = model.thinker.model
-    with torch.no_grad():  # q/k RMSNorm would undo a q_proj/k_proj scale
-        for layer in text.layers:
-            layer.self_attn.q_norm.weight.mul_(sharpen)
-            layer.self_attn.k_norm.weight.mul_(sharpen)
-    # sharpen_and_save walks ``model.model.language_model.layers`` (a no-op at 1.0): hand
-    # it the thinker's text model there and the full model's state dict
-    view = types.SimpleNamespace(model=types.SimpleNamespace(language_model=text), state_dict=model.state_dict)
-    sharpen_and_save(view, config, processor, out, sharpen=1.0, eot=eot, im_end=eos, hub_name=_saved_name)
-    if verify:
-        check_reload(out, model.state_dict())
-    return out
+        tid = tokenizer.convert_tokens_to_ids
+        thinker = {
+            "audio_config": encoder_config(s.audio_layers, s.audio_d_model, s.audio_heads, s.hidden),
+            "vision_config": vision_config(s.hidden),
+            "text_config": text_config(
+                ids.vocab, s.hidden, s.layers, s.heads, s.kv_heads, eot=ids.eot, eos=ids.eos,
+                experts=s.experts, top_k=s.top_k, moe_intermediate=s.moe_intermediate,
+            ),
+            "audio_token_id": ids.audio,
+            "audio_start_token_id": tid(AUDIO_BEGIN),
+            # not declared by Qwen3OmniMoeThinkerConfig but in the hub's config and read:
+            # transformers' get_rope_index (vision start), vLLM's audio-in-video (audio end)
+            "audio_end_token_id": tid(AUDIO_END),
+            "vision_start_token_id": tid(VISION_BEGIN),
+            "vision_end_token_id": tid(VISION_END),
+            "image_token_id": tid(IMAGE_TOKEN),
+            "video_token_id": tid(VIDEO_TOKEN),
+            "user_token_id": tokenizer("user", add_special_tokens=False)["input_ids"][0],
+            "position_id_per_seconds": 25,
+            "tie_word_embeddings": False,
+            "pad_token_id": ids.eot,
+            "eos_token_id": ids.eos,
+        }
+        return Qwen3OmniMoeConfig(
+            thinker_config=thinker,
+            enable_audio_output=False,
+            im_start_token_id=tid("<|im_start|>"),
+            im_end_token_id=ids.eos,
+            pad_token_id=ids.eot,
+            eos_token_id=ids.eos,
+            tie_word_embeddings=False,
+        )
 
 
-def check_reload(model_dir: str | Path, expected: dict | None = None) -> None:
-    """:func:`~.tiny.check_reload` as ``Qwen3OmniMoeForConditionalGeneration`` (given
-    ``expected``, the very same tensors), then as the
-    ``Qwen3OmniMoeThinkerForConditionalGeneration`` the reference loads."""
-    from transformers import (
-        Qwen3OmniMoeForConditionalGeneration,
-        Qwen3OmniMoeThinkerForConditionalGeneration,
-    )
-
-    tiny.check_reload(Qwen3OmniMoeForConditionalGeneration, model_dir, expected)
-    thinker = None
-    if expected is not None:
-        thinker = {k[len("thinker."):]: v for k, v in expected.items()}
-    tiny.check_reload(Qwen3OmniMoeThinkerForConditionalGeneration, model_dir, thinker)
-
-
-def main(argv: list[str] | None = None) -> None:
-    tiny.run_builder(
-        build, "Qwen3-Omni", "python -m vllm_affinity_tools.tiny_qwen3omni", __doc__, hidden=256, argv=argv,
-        sharpen=SHARPEN,
-    )
+build, check_reload, main = Qwen3Omni().api()
 
 if __name__ == "__main__":
     main()
