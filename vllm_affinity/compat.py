@@ -158,6 +158,12 @@ ADAPTER_SEAMS: dict[str, tuple[Seam, ...]] = {
         Seam("vllm.model_executor.models.utils:cast_overflow_tensors", None,
              "the encoder layer's last step, repeated by the size-weighted encoder layer"),
     ),
+    "kimi_audio": (
+        Seam("vllm.model_executor.models.kimi_audio:KimiAudioForConditionalGeneration.embed_input_ids",
+             ("input_ids", "multimodal_embeddings"), "places the pooled fused rows (adapters/kimi_audio.py)"),
+        Seam("vllm.tokenizers.kimi_audio:KimiAudioTokenizer.apply_chat_template",
+             ("messages", "tools", "chat_template", "tokenize"), "patches/kimi_chat_template.py wraps it"),
+    ),
     "qwen2_5_omni": _omni_seams(
         "vllm.model_executor.models.qwen2_5_omni_thinker:Qwen2_5OmniThinkerForConditionalGeneration"),
     "qwen3_omni": _omni_seams(

@@ -31,6 +31,7 @@ from vllm.model_executor.models.kimi_audio import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from .. import compat
 from .base import AffinityDummyInputsMixin, AffinityInfoMixin, AffinityModelMixin, AffinityProcessorMixin
 
 ARCH = "MoonshotKimiaForCausalLM"
@@ -76,6 +77,7 @@ class AffinityKimiAudioForConditionalGeneration(AffinityModelMixin, KimiAudioFor
     """Stock Kimi-Audio whose fused audio rows are pooled to the processor's count."""
 
     ARCH = ARCH
+    SEAMS = compat.ADAPTER_SEAMS["kimi_audio"]
 
     def stock_embeddings(self, **kwargs: object):
         """The LM-input rows of each audio's n placeholders, as stock vLLM fuses them."""
