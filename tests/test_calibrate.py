@@ -199,6 +199,7 @@ ANALYZE_MODELS = {
     "qwen3asr": ("tiny_qwen3asr", "tiny-qwen3asr"),
     "qwen25omni": ("tiny_qwen25omni", "tiny-qwen25omni"),
     "qwen3omni": ("tiny_qwen3omni", "tiny-qwen3omni"),
+    "kimi": ("tiny_kimi", "tiny-kimi"),
 }
 
 
@@ -352,6 +353,28 @@ def test_calibrate_whisper_encoder_stage(audio_dir, tmp_path):
     assert checked["info"]["engines_run"] == 0 and checked["recommended"] is None
     assert checked["points"][0]["metrics"]["divergence"] == m["divergence"]
     assert "**Checked**" in (out / "calibration.md").read_text() and not (out / "recommended.yaml").exists()
+
+
+@pytest.mark.engine
+def test_calibrate_kimi_with_a_chat_template(audio_dir, tmp_path):
+    """Kimi-Audio: its tokenizer has no chat template (--chat-template, as vllm serve); stock
+    answers one request at a time (calibrate.STOCK_ENGINE) with vLLM's chat-template bug
+    fixed in the stock process too (else stock renders no message and fails)."""
+    model = _tiny("tiny_kimi", "tiny-kimi")
+    out = tmp_path / "cal"
+    assert C.main([str(model), "--audio", str(audio_dir), "--chat-template", str(model / "chat_template.jinja"),
+                   "--check", '{"input": {"keep_ratio": 0.5}}', "--max-tokens", "4", "--dtype", "float32",
+                   "--kv-cache-gib", "0.25", "--max-model-len", "2048", "--bootstrap", "20", "--out", str(out)]) == 0
+    res = json.loads((out / "calibration.json").read_text())
+    assert res["info"]["engines_run"] == 2 and [p["name"] for p in res["points"]] == ["checked SPEC"]
+    from vllm_affinity.adapters.kimi_audio import placeholder_count
+
+    import soundfile as sf
+
+    n = [placeholder_count(min(-(-sf.info(str(c)).frames // 160), 3000)) for c in sorted(audio_dir.iterdir())]
+    m = res["points"][0]["metrics"]
+    assert m["audio_tokens_share"] == pytest.approx(sum(pooling.num_kept(x, 0.5) for x in n) / sum(n))
+    assert "Kimi-Audio" in (out / "calibration.md").read_text()
 
 
 @pytest.mark.parametrize("check, err", [

@@ -43,6 +43,7 @@ REFERENCES = {
     "Qwen2_5OmniModel": "ReferenceQwen25Omni",
     "Qwen2_5OmniForConditionalGeneration": "ReferenceQwen25Omni",
     "Qwen3OmniMoeForConditionalGeneration": "ReferenceQwen3Omni",
+    "MoonshotKimiaForCausalLM": "ReferenceKimiAudio",
 }
 
 
@@ -195,6 +196,8 @@ def analyze(model_dir: str, clips: list[Path], question: str = DEFAULT_QUESTION,
 
 def chat_prompt(ref, question: str) -> str:
     """One user turn with one audio and ``question``, rendered by the model's chat template."""
+    if hasattr(ref, "chat_prompt"):  # a reference without a transformers processor (Kimi-Audio)
+        return ref.chat_prompt(question)
     conv = [{"role": "user", "content": [{"type": "audio", "audio": "clip"}, {"type": "text", "text": question}]}]
     errors = []
     for owner in (ref.processor, getattr(ref.processor, "tokenizer", None)):

@@ -59,6 +59,10 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 DEFAULT_PROMPT = "Transcribe the audio."
 #: the default target (word divergence from stock's answers), see the module docstring
 DEFAULT_DIVERGENCE = 0.04
+#: stock vLLM settings an architecture needs to answer at all: stock Kimi-Audio stacks a
+#: batch's audio features (torch.stack) and fails on two lengths, so it answers one at a time
+#: (the plugin encodes each audio on its own and batches freely)
+STOCK_ENGINE: dict[str, dict] = {"MoonshotKimiaForCausalLM": {"max_num_seqs": 1}}
 #: below this many (clip, prompt) answers a recommendation is flagged as not trustworthy: 40
 #: clips chose Whisper settings that moved WER by +1.8 and +4.9 points on other speech
 MIN_CLIPS = 100
@@ -389,6 +393,12 @@ def worker(job_path: str) -> None:
     kw = dict(job["engine"])
     if job["server"] is not None:
         kw["hf_overrides"] = {"affinity": job["server"]}
+    else:
+        kw.update(job.get("stock_engine", {}))
+        # a vLLM bug fix, not pooling: without it stock Kimi-Audio renders no chat message
+        from vllm_affinity.patches import kimi_chat_template
+
+        kimi_chat_template.apply()
     t0 = time.perf_counter()
     llm = LLM(job["model"], **kw)
     start_s = time.perf_counter() - t0
@@ -411,7 +421,7 @@ def worker(job_path: str) -> None:
             urls = {c: _wav_data_url(c) for c in job["clips"]}
             convs = [[{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": urls[c]}},
                                                    {"type": "text", "text": q}]}] for c, q in keys]
-            outs = llm.chat(convs, sp, use_tqdm=False, mm_processor_kwargs=mm)
+            outs = llm.chat(convs, sp, use_tqdm=False, mm_processor_kwargs=mm, chat_template=job.get("chat_template"))
         seen = engine_kv.by_output_id(held)
         for (c, q), o in zip(keys, outs):
             g = o.outputs[0]
@@ -442,12 +452,16 @@ class Runner:
     max_tokens: int
     cache: Path
     workdir: Path
+    #: the stock engine's own settings (see STOCK_ENGINE) and a chat template file's text
+    stock_engine: dict = field(default_factory=dict)
+    chat_template: str | None = None
     engines_run: int = 0
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
         h = hashlib.sha256()
-        for part in (self.model, *self.prompts, json.dumps(self.engine, sort_keys=True), str(self.max_tokens)):
+        for part in (self.model, *self.prompts, json.dumps(self.engine, sort_keys=True), str(self.max_tokens),
+                     self.chat_template or ""):
             h.update(part.encode())
         for c in self.clips:
             st = c.stat()
@@ -475,7 +489,8 @@ class Runner:
         job, out = self.workdir / "job.json", self.workdir / "out.json"
         job.write_text(json.dumps({"model": self.model, "server": server, "ratios": ratios, "whisper": self.whisper,
                                    "clips": [str(c) for c in self.clips], "prompts": self.prompts,
-                                   "engine": self.engine, "max_tokens": self.max_tokens, "out": str(out)}))
+                                   "engine": self.engine, "max_tokens": self.max_tokens, "out": str(out),
+                                   "stock_engine": self.stock_engine, "chat_template": self.chat_template}))
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if server is None:  # stock: the plugin not loaded
             env["VLLM_PLUGINS"] = ""
@@ -725,6 +740,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"deep-stage keep ratios (default {' '.join(map(str, DEEP_RATIOS))})")
     p.add_argument("--check", metavar="SPEC", help="no search: measure this one SPEC (a YAML path, e.g. a "
                    "recommended.yaml, or a JSON object) against stock on this audio, e.g. clips it was not chosen on")
+    p.add_argument("--chat-template", type=Path, help="chat template file, as vllm serve's --chat-template (e.g. "
+                   "Kimi-Audio, whose tokenizer has none)")
     p.add_argument("--max-clips", type=int, help="use the first N clips")
     p.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
     p.add_argument("--max-minutes", type=float, default=60.0, help="time budget: no new engine after it (default 60)")
@@ -774,7 +791,9 @@ def main(argv: list[str] | None = None) -> int:
         engine["max_model_len"] = a.max_model_len
     a.out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(f"[calibrate] {s}", file=sys.stderr, flush=True)  # noqa: E731
-    runner = Runner(a.model, clips, prompts, whisper, engine, a.max_tokens, a.out / "cache.jsonl", a.out / ".work")
+    runner = Runner(a.model, clips, prompts, whisper, engine, a.max_tokens, a.out / "cache.jsonl", a.out / ".work",
+                    stock_engine=STOCK_ENGINE.get(facts.architecture, {}),
+                    chat_template=a.chat_template.read_text() if a.chat_template else None)
     t_start = time.monotonic()
     out_of_time = lambda: (time.monotonic() - t_start) / 60 > a.max_minutes  # noqa: E731
     log(f"{facts.name}: {len(clips)} clips ({seconds / 60:.1f} min) x {len(prompts)} prompt(s); target: {target}; "

@@ -39,6 +39,9 @@ from .base import TARGET_SR, ReferenceSpeechLM, to_16k_mono
 
 WHISPER_SUBFOLDER = "whisper-large-v3"
 BLANK_ID = 151666  # <|im_kimia_text_blank|>, Kimi-Audio's audio placeholder
+BLANK, AUDIO_BEGIN, AUDIO_END = "<|im_kimia_text_blank|>", "<|im_media_begin|>", "<|im_media_end|>"
+USER_START, MSG_END = "<|im_kimia_user_msg_start|>", "<|im_msg_end|>"
+ASSISTANT_START = "<|im_kimia_assistant_msg_start|>"
 FRAMES_PER_TOKEN = 4  # encoder frames concatenated per adaptor row (12.5 Hz)
 # Kimi-Audio's tiktoken pre-tokenizer pattern (its tokenizer's definition)
 PAT_STR = (
@@ -92,6 +95,9 @@ class ReferenceKimiAudio(ReferenceSpeechLM):
             mod.load_state_dict({name: state[f"model.vq_adaptor.layers.{idx}.{name}"] for name in mod.state_dict()})
         self.adaptor = self.adaptor.to(dtype).eval()
         self.dtype = dtype
+        # the parts as one module (tools find the encoder's layers by name: audio_tower.layers)
+        self.model = torch.nn.ModuleDict({"audio_tower": self.encoder, "adaptor": self.adaptor,
+                                          "language_model": self.qwen2})
 
         ranks = {}
         for line in (root / "tiktoken.model").read_text().splitlines():
@@ -103,6 +109,10 @@ class ReferenceKimiAudio(ReferenceSpeechLM):
         self.tokenizer = tiktoken.Encoding(name="kimi-ref", pat_str=PAT_STR, mergeable_ranks=ranks,
                                            special_tokens=specials)
         self.audio_token_id = BLANK_ID
+
+    def chat_prompt(self, question: str) -> str:
+        """One user turn [audio, question] in Kimi-Audio's layout (what its chat template renders)."""
+        return (f"{USER_START}{AUDIO_BEGIN}{BLANK}{AUDIO_END}\n{question}{MSG_END}{ASSISTANT_START}")
 
     # -- the base class's view ------------------------------------------------------------
     @property
