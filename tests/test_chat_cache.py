@@ -23,9 +23,11 @@ RATIO = 0.74
 CLIPS = (3, 4)  # 19.5 s and 30 s: 487 and 750 audio tokens; at 0.74 they drop 126 and 195
 
 
-def _chat(tiny_model, clips, tmp_path, spec, *, env=None, extra_chats=()):
+def _chat(tiny_model, clips, tmp_path, spec, *, env=None, extra_chats=(), replay: bool = False):
     job = {"task": "chat", "model": str(tiny_model), "prompt": PROMPT, "follow_up": FOLLOW_UP,
            "max_tokens": 8, "chats": [{"audio": str(clips[i])} for i in CLIPS] + list(extra_chats)}
+    if replay:  # turn 1 answers 160 tokens, which turn 2 holds: the audio's last block fills up
+        job.update(replay_answer=True, max_tokens=160)
     if spec is not None:
         job["hf_overrides"] = {"affinity": spec}
     return run_engine_subprocess(job, tmp_path, env=env)
@@ -126,3 +128,41 @@ def test_kv_block_align_is_validated_and_refused_for_whisper():
     assert "aligned to the KV block (keep_more)" in cfg.describe()
     with pytest.raises(AffinityConfigError, match=r"input\.kv_block_align is for decoder-only"):
         facts_for("WhisperForConditionalGeneration").validate(cfg)
+
+
+# -- the deep stage (deep.kv_block_align): its KV group cached and hit like the others ----------
+DEEP_ALIGNED = {"input": {"keep_ratio": RATIO, "kv_block_align": "keep_more"},
+                "deep": {"merge_layer": 1, "keep_ratio": 0.3, "kv_block_align": "keep_more"}}
+
+
+@pytest.fixture(scope="module")
+def stock_replay(tiny_model, clips, tmp_path_factory):
+    return _chat(tiny_model, clips, tmp_path_factory.mktemp("stock-replay"), None, env={"VLLM_PLUGINS": ""},
+                 replay=True)
+
+
+@pytest.mark.engine
+def test_deep_stage_follow_up_turn_hits_every_kv_group(stock_replay, tiny_model, clips, tmp_path):
+    """vLLM's num_cached_tokens is the hit every KV group agrees on: the deep group's blocks
+    must hit as far as the prompt's, so turn 2 (turn 1's prompt and answer, then a question)
+    recomputes exactly stock's tail; a hit computes what a fresh request computes; another
+    keep ratio never hits."""
+    other = {"audio": str(clips[CLIPS[1]]), "turn2_mm_processor_kwargs": {"affinity_keep_ratio": 0.5}}
+    run = _chat(tiny_model, clips, tmp_path, DEEP_ALIGNED, extra_chats=[other], replay=True)
+    assert "prefix caching kept" in run["log"]
+    for chat, ref in zip(run["chats"], stock_replay["chats"]):
+        assert chat["turn2"]["cached"] > 0 and ref["turn2"]["cached"] > 0
+        # past the audio: the hit covers it in the deep group too (else it would stop before it)
+        assert _uncached(chat) == _uncached(ref), (chat, ref)
+        assert chat["turn2"]["token_ids"] == chat["turn2_uncached"]["token_ids"]
+    assert run["chats"][-1]["turn2"]["cached"] == 0
+
+
+@pytest.mark.engine
+def test_deep_stage_without_alignment_keeps_prefix_caching_off(tiny_model, clips, tmp_path):
+    """The wrong variant: unaligned, a deep block boundary past the audio is no prompt block
+    boundary, so the config hook turns prefix caching off (what issue 21 measured: turn 2 recomputes all)."""
+    spec = {"input": {"keep_ratio": RATIO}, "deep": {"merge_layer": 1, "keep_ratio": 0.3}}
+    run = _chat(tiny_model, clips, tmp_path, spec)
+    assert "prefix caching disabled (deep stage without kv_block_align" in run["log"]
+    assert all(c["turn2"]["cached"] == 0 for c in run["chats"])

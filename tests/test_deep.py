@@ -322,3 +322,42 @@ def test_deep_size_weighted_kv_layout(sw_deep_run):
     assert deep["page_bytes"] == shallow["page_bytes"]  # vLLM unifies page sizes
     assert shallow["layers"] == SW_CONFIG[0] + 1 and deep["layers"] == N_LAYERS - SW_CONFIG[0] - 1
     print(run["kv_groups"])
+
+
+# -- deep.kv_block_align: each span drops a multiple of the KV block (prefix caching stays on) ----
+ALIGNED = {"deep": {"merge_layer": 1, "keep_ratio": 0.3, "window": 3, "kv_block_align": "keep_more"}}
+
+
+@pytest.fixture(scope="module")
+def aligned_run(tiny_model, clips, tmp_path_factory):
+    job = {"model": str(tiny_model), "hf_overrides": {"affinity": ALIGNED}, "prompt": PROMPT,
+           "max_tokens": MAX_NEW, "logprobs": 20, "requests": [{"audios": [str(c)]} for c in clips],
+           "engine_kw_extra": {"block_size": BLOCK}}
+    return job, run_engine_subprocess(job, tmp_path_factory.mktemp("aligned"))
+
+
+def test_aligned_deep_stage_matches_reference_with_the_aligned_counts(aligned_run, reference):
+    """The engine keeps K' = m - bs*floor((m - K)/bs) rows per span (bs = 32 here), and equals
+    the reference told those counts; the reference with the unaligned K is rejected."""
+    from vllm_affinity.plan import kept_count
+
+    job, run = aligned_run
+    assert "prefix caching kept" in run["log"]
+    aligned_some = False
+    for i, (req, res) in enumerate(zip(job["requests"], run["results"])):
+        def pool(x, align="keep_more"):
+            k = kept_count(x.shape[0], 0.3, BLOCK, align)
+            return P.group_sizes(x, k, "affinity", 3)
+
+        ref = _reference(reference, req, 1, 0.3, None, deep_pool_fn=pool)
+        par = json_compare(res, ref)
+        assert par.ok, f"request {i}: {par}"
+        m = ref.audio_tokens_kept[0]
+        assert ref.deep_tokens_kept == [kept_count(m, 0.3, BLOCK, "keep_more")]
+        assert (m - ref.deep_tokens_kept[0]) % BLOCK == 0
+        if kept_count(m, 0.3, BLOCK, "keep_more") != P.num_kept(m, 0.3):
+            aligned_some = True
+            bad = json_compare(res, _reference(reference, req, 1, 0.3, None,
+                                               deep_pool_fn=lambda x: pool(x, "off")))
+            assert not bad.ok, f"request {i}: the unaligned count is not told apart: {bad}"
+    assert aligned_some  # the clips exercise the rounding

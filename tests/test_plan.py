@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_affinity.plan import DeepPlan, Span
@@ -109,3 +109,36 @@ def test_schedulable_end_never_splits_a_span():
     assert plan.schedulable_end(0, 720) == 700  # second span cut: stop before it
     assert plan.schedulable_end(579, 650) == 650  # text only
     assert plan.schedulable_end(0, 2000) == 2000
+
+
+# -- prefix caching of the deep layers' blocks (deep.kv_block_align) ----------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 300)), min_size=0, max_size=4),
+       st.floats(0.05, 1.0), st.sampled_from([16, 32, 128]), st.sampled_from(["off", "keep_more", "keep_fewer"]))
+def test_rows_map_back_to_their_token_prefix(gaps_lengths, ratio, bs, align):
+    ranges, pos = [], 5
+    for gap, n in gaps_lengths:
+        pos += gap
+        ranges.append((pos, n))
+        pos += n
+    plan = DeepPlan.from_ranges(ranges, ratio, block_size=bs, align=align)
+    total = pos + 20
+    inside = {p for s in plan.spans for p in range(s.offset + 1, s.end)}
+    for h in range(total + 1):
+        if h not in inside:  # a boundary outside every span maps to its rows and back
+            assert plan.tokens_at(plan.compacted(h)) == h
+    for s in plan.spans:
+        c0 = plan.span_compact_start(s)
+        assert [plan.row_determined_at(r) for r in range(c0, c0 + s.kept)] == [s.end] * s.kept
+        assert all(plan.tokens_at(r) is None for r in range(c0 + 1, c0 + s.kept))
+        if align == "keep_more":  # past the span, prompt and deep layers are congruent mod bs
+            assert (plan.compacted(s.end) - s.end) % bs == 0
+    text = [p for p in range(total) if p not in inside and all(not (s.offset <= p < s.end) for s in plan.spans)]
+    assert all(plan.row_determined_at(plan.slot_index(p)) == p + 1 for p in text)
+
+
+def test_aligned_spans_keep_the_issue_formula():
+    # 372 rows at 0.2006 keep 75; dropping 297 rounds down to 256 (2 blocks of 128): 116 kept
+    plan = DeepPlan.from_ranges([(10, 372)], 0.2006, block_size=128, align="keep_more")
+    assert plan.spans[0].kept == 372 - 128 * ((372 - 75) // 128) == 116
+    assert DeepPlan.from_ranges([(10, 372)], 0.2006, block_size=128).spans[0].kept == 75

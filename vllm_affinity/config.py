@@ -111,6 +111,15 @@ class DeepStage(_Strict):
         "KV pages to the largest)"
     )
 
+    kv_block_align: Literal["off", "keep_more", "keep_fewer"] = Field(
+        "off", description="round each audio span's rows dropped at the deep merge to a multiple of "
+        "the KV block size, so that past every span the deep layers' sequence and the prompt are "
+        "congruent modulo the block size: a token-block boundary is then a deep-block boundary, and "
+        "vLLM's prefix cache stays on (a chat's next turn hits the deep layers' blocks too). "
+        "'keep_more' rounds the drop down (at most block_size - 1 more rows), 'keep_fewer' up. "
+        "'off': prefix caching is turned off for a server with a deep stage"
+    )
+
     _finite = field_validator("keep_ratio", mode="before")(InputStage._finite_number.__func__)
 
     def resolve_layer(self, num_layers: int) -> int:
@@ -139,6 +148,15 @@ class EncoderStage(_Strict):
         "frame's key carries log(group size), softmax(q.k/sqrt(d) + log size), exactly (ToMe's "
         "proportional attention). A layer then computes on the merged frames what it computes on the "
         "full-length sequence in which every frame is replaced by its group's mean"
+    )
+
+    kv_block_align: Literal["off", "keep_more", "keep_fewer"] = Field(
+        "off", description="round each audio span's rows dropped at the deep merge to a multiple of "
+        "the KV block size, so that past every span the deep layers' sequence and the prompt are "
+        "congruent modulo the block size: a token-block boundary is then a deep-block boundary, and "
+        "vLLM's prefix cache stays on (a chat's next turn hits the deep layers' blocks too). "
+        "'keep_more' rounds the drop down (at most block_size - 1 more rows), 'keep_fewer' up. "
+        "'off': prefix caching is turned off for a server with a deep stage"
     )
 
     _finite = field_validator("keep_ratio", mode="before")(InputStage._finite_number.__func__)
@@ -247,6 +265,8 @@ class AffinityConfig(_Strict):
             "deep stage off" if d is None
             else f"deep stage: merge_layer={d.merge_layer}, keep_ratio={d.keep_ratio}, "
             f"window={d.window}, method={d.method}" + (", size-weighted attention" if d.size_weighted else "")
+            + (f", dropped rows aligned to the KV block ({d.kv_block_align}; prefix caching on)"
+               if d.kv_block_align != "off" else "")
         )
         return "; ".join(parts)
 

@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from .pooling import num_kept
+from .pooling import block_aligned_count, num_kept
+
+
+def kept_count(n: int, keep_ratio: float, block_size: int | None = None, align: str = "off") -> int:
+    """Rows a span of ``n`` keeps above the merge: ``num_kept(n, keep_ratio)``, its drop
+    rounded to a multiple of ``block_size`` where ``align`` (``deep.kv_block_align``) says."""
+    k = num_kept(n, keep_ratio)
+    return k if align == "off" or not block_size else block_aligned_count(n, k, block_size, align)
 
 
 @dataclass(frozen=True)
@@ -75,16 +82,27 @@ class DeepPlan:
             self._removed_prefix.append(self._removed_prefix[-1] + s.removed)
 
     @classmethod
-    def from_ranges(cls, ranges: list[tuple[int, int]], keep_ratio: float) -> "DeepPlan":
-        return cls([Span(o, n, num_kept(n, keep_ratio)) for o, n in ranges if n > 0])
+    def from_ranges(cls, ranges: list[tuple[int, int]], keep_ratio: float, *, block_size: int | None = None,
+                    align: str = "off") -> "DeepPlan":
+        """``align`` (``deep.kv_block_align``) with ``block_size``: each span drops a multiple of
+        the block size (:func:`~vllm_affinity.pooling.block_aligned_count`)."""
+        return cls([Span(o, n, kept_count(n, keep_ratio, block_size, align)) for o, n in ranges if n > 0])
 
     @classmethod
-    def from_features(cls, mm_features: Iterable[Any] | None, keep_ratio: float) -> "DeepPlan":
+    def from_features(cls, mm_features: Iterable[Any] | None, keep_ratio: float, *, block_size: int | None = None,
+                      align: str = "off") -> "DeepPlan":
         """Plan of a request from its multimodal features (vLLM's ``MultiModalFeatureSpec``:
         ``modality`` and ``mm_position.offset/length``), as the scheduler's Request and the
         worker's cached request state both carry them."""
         ranges = [(f.mm_position.offset, f.mm_position.length) for f in (mm_features or []) if f.modality == "audio"]
-        return cls.from_ranges(ranges, keep_ratio) if ranges else EMPTY_PLAN
+        return cls.from_ranges(ranges, keep_ratio, block_size=block_size, align=align) if ranges else EMPTY_PLAN
+
+    @classmethod
+    def of_request(cls, mm_features: Iterable[Any] | None, deep: Any, block_size: int | None) -> "DeepPlan":
+        """The plan the server's deep stage (``config.DeepStage``) gives a request: the one
+        constructor scheduler, KV manager, worker and processor share."""
+        return cls.from_features(mm_features, deep.keep_ratio, block_size=block_size,
+                                 align=getattr(deep, "kv_block_align", "off"))
 
     def rows(self, start: int, end: int) -> StepRows:
         """Rows of the range [start, end) in the layers above the merge: text tokens keep
@@ -118,6 +136,37 @@ class DeepPlan:
 
     def span_compact_start(self, span: Span) -> int:
         return span.offset - self.removed_before(span.offset)
+
+    # -- prefix caching of the deep layers' blocks -------------------------------------------
+    def row_determined_at(self, row: int) -> int:
+        """The token count that determines compacted row ``row`` of the deep layers: a text
+        row at position p is fixed once p + 1 tokens are (causal layers below the merge); a
+        merged row once its whole span is (the groups are chosen on all of the span's rows)."""
+        removed = 0
+        for s in self.spans:
+            start = s.offset - removed  # compacted index of the span's first row
+            if row < start:
+                return row + removed + 1
+            if row < start + s.kept:
+                return s.end
+            removed += s.removed
+        return row + removed + 1
+
+    def tokens_at(self, rows: int) -> int | None:
+        """The token count ``h`` whose compacted length is ``rows``, with ``h`` not strictly
+        inside a span; None where ``rows`` ends among a span's merged rows (no token prefix
+        holds exactly those rows)."""
+        removed = 0
+        for s in self.spans:
+            start = s.offset - removed
+            if rows <= start:
+                return rows + removed
+            if rows < start + s.kept:
+                return None
+            if rows == start + s.kept:
+                return s.end
+            removed += s.removed
+        return rows + removed
 
     def schedulable_end(self, start: int, end: int) -> int:
         """The largest end' <= ``end`` such that [start, end') splits no span: a chunk

@@ -256,7 +256,8 @@ def whisper(job, llm) -> dict:
 
 def chat(job, llm) -> dict:
     """Two-turn chats: turn 1 ``prompt`` with one audio, turn 2 ``prompt + follow_up`` with the
-    same audio (what a chat client re-sends), greedy. Per chat (one per ``chats`` entry:
+    same audio (what a chat client re-sends; with ``replay_answer``, ``prompt`` + turn 1's answer
+    tokens + ``follow_up`` as token ids), greedy. Per chat (one per ``chats`` entry:
     {"audio", "mm_processor_kwargs"?, "turn2_mm_processor_kwargs"?}): each turn's prompt
     length, ``num_cached_tokens`` and tokens, and turn 2 again under another ``cache_salt``
     (no prefix-cache hit: the same request computed from scratch)."""
@@ -274,7 +275,8 @@ def chat(job, llm) -> dict:
         audio = [(wave, sr)]
 
         def turn(prompt, kwargs, salt=None):
-            p = {"prompt": prompt, "multi_modal_data": {"audio": audio}}
+            p = {"multi_modal_data": {"audio": audio}}
+            p.update({"prompt_token_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt})
             if kwargs:
                 p["mm_processor_kwargs"] = kwargs
             if salt:
@@ -285,6 +287,10 @@ def chat(job, llm) -> dict:
 
         t1 = turn(job["prompt"], c.get("mm_processor_kwargs"))
         two = job["prompt"] + job["follow_up"]
+        if job.get("replay_answer"):  # turn 2 holds turn 1's answer, token for token, as a chat client re-sends it
+            tok = llm.get_tokenizer()
+            two = (tok.encode(job["prompt"], add_special_tokens=False) + t1["token_ids"]
+                   + tok.encode(job["follow_up"], add_special_tokens=False))
         t2 = turn(two, c.get("turn2_mm_processor_kwargs", c.get("mm_processor_kwargs")))
         fresh = turn(two, c.get("turn2_mm_processor_kwargs", c.get("mm_processor_kwargs")), salt=f"fresh-{i}")
         out["chats"].append({"turn1": t1, "turn2": t2, "turn2_uncached": fresh})

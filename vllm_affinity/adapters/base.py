@@ -346,7 +346,11 @@ class AffinityProcessorMixin:
             for i, k in enumerate(kept)
         ]
         deep = self.info.affinity.deep
-        kept_deep = [pooling.num_kept(k, deep.keep_ratio) for k in kept] if deep is not None else kept
+        kept_deep = kept
+        if deep is not None:  # the plan's counts (deep.kv_block_align included)
+            from ..plan import kept_count
+
+            kept_deep = [kept_count(k, deep.keep_ratio, self.block_size(), deep.kv_block_align) for k in kept]
         prompt_len = len(out.get("encoder_prompt_token_ids") or out["prompt_token_ids"])
         blocks = self.kv_blocks_saved(prompt_len, n, kept, kept_deep)
         deep_part = f" -> {kept_deep} above the deep merge layer" if deep is not None else ""

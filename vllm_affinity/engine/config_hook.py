@@ -6,7 +6,8 @@ arguments, before any engine process starts. Registering our architecture there 
 the config-time extension point (the same map vLLM's own models use).
 
 With a deep stage it sets, each with a log line:
-* prefix caching off: a compacted block is not a prefix of the stock token blocks;
+* prefix caching off unless ``deep.kv_block_align`` is set (then the deep KV manager caches
+  the compacted blocks, engine/kv.py);
 * ``disable_chunked_mm_input``: an audio span is merged whole, never across chunks;
   ``max_num_batched_tokens`` is raised to fit the longest audio's placeholders;
 * eager mode: the merge has data-dependent shapes inside the decoder stack;
@@ -54,10 +55,16 @@ class AffinityConfigHook(VerifyAndUpdateConfig):
         logger.info("vllm-affinity: deep stage merges after decoder layer %d of %d", layer, num_layers)
 
         cache = vllm_config.cache_config
-        if cache.enable_prefix_caching:
+        if cache.enable_prefix_caching and cfg.deep.kv_block_align == "off":
+            # measured reason (issue 21): without the alignment a deep block boundary is a token
+            # block boundary only before the first audio, so a hit could never cover the audio
             cache.enable_prefix_caching = False
-            logger.info("vllm-affinity: prefix caching disabled (deep stage: compacted KV blocks "
-                        "are not prefix-cacheable)")
+            logger.info("vllm-affinity: prefix caching disabled (deep stage without kv_block_align: "
+                        "past an audio span a prompt block boundary is not a deep-layer block boundary; "
+                        "set deep.kv_block_align to 'keep_more' to keep it)")
+        elif cache.enable_prefix_caching:
+            logger.info("vllm-affinity: prefix caching kept: the deep layers' blocks are cached by the token "
+                        "prefix that determines them (deep.kv_block_align=%s)", cfg.deep.kv_block_align)
         sched = vllm_config.scheduler_config
         if not sched.disable_chunked_mm_input:
             sched.disable_chunked_mm_input = True

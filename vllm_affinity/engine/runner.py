@@ -74,7 +74,9 @@ class AffinityRunnerMixin:
         ]
 
     def _affinity_plan(self, req_id: str) -> DeepPlan:
-        return DeepPlan.from_features(self.requests[req_id].mm_features, self._affinity_deep().keep_ratio)
+        gids = self._affinity_deep_gids()
+        block_size = self.kv_cache_config.kv_cache_groups[gids[0]].kv_cache_spec.block_size if gids else None
+        return DeepPlan.of_request(self.requests[req_id].mm_features, self._affinity_deep(), block_size)
 
     # -- per step -------------------------------------------------------------------------
     def execute_model(self, scheduler_output, *args, **kwargs):

@@ -20,15 +20,14 @@ class AffinityScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         deep = server_config(vllm_config.model_config.hf_config).deep
-        self._affinity_keep_ratio = deep.keep_ratio if deep is not None else None
+        self._affinity_deep = deep
         self._affinity_chunk_guard = deep is not None and compat.needs_chunk_split_guard()
         managers = [
             m for m in self.kv_cache_manager.coordinator.single_type_managers
             if isinstance(m, AffinityDeepManager)
         ]
         for m in managers:
-            m.requests = self.requests
-            m.keep_ratio = deep.keep_ratio if deep is not None else 1.0
+            AffinityDeepManager.bind(m, self.requests, deep)
         if deep is not None and not managers:
             raise RuntimeError("vllm-affinity: deep stage on but no deep KV-cache group was created")
         logger.info("vllm-affinity: scheduler bound %d deep KV-cache group(s)%s", len(managers),
@@ -42,7 +41,7 @@ class AffinityScheduler(Scheduler):
         # previous rollback). A deep-merged span must be computed whole: stop before it.
         # vLLM 0.33 checks `<=` itself (compat.needs_chunk_split_guard).
         if self._affinity_chunk_guard and num_new_tokens > 0 and request.has_encoder_inputs:
-            end = DeepPlan.from_features(request.mm_features, self._affinity_keep_ratio).schedulable_end(
+            end = DeepPlan.of_request(request.mm_features, self._affinity_deep, None).schedulable_end(
                 num_computed_tokens, num_computed_tokens + num_new_tokens
             )
             num_new_tokens = end - num_computed_tokens
