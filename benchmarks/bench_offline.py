@@ -3,7 +3,8 @@
     python benchmarks/bench_offline.py [--shape scaled|7b|7b-fp32] [--buckets 10 30 60] [--reps 5]
                                        [--variants stock-eager-nopc off input-only paper-aggressive
                                                    paper-aggressive+encoder input+encoder deep-only
-                                                   input-only+align input+encoder+align]
+                                                   input-only+align input+encoder+align
+                                                   paper-aggressive+align] [--chat-answer fixed|generated]
                                        [--decode-tokens 32] [--e2e-tokens 128] [--out benchmarks/results]
 
 The workloads ((a) TTFT, (b) decode per token, (c) turn 2 of a chat that repeats the audio,
@@ -72,6 +73,9 @@ SPECS = {
     # next turn recomputes the same uncached tail as stock
     "input-only+align": {"preset": "input-only", "input": {**ALIGNED_INPUT}},
     "input+encoder+align": {"preset": "input-only", "input": {**ALIGNED_INPUT}, "encoder": ENCODER_STAGE},
+    # issue 21, the deep stage: its dropped rows aligned too, so prefix caching stays on
+    "paper-aggressive+align": {"preset": "paper-aggressive", "input": {**ALIGNED_INPUT},
+                               "deep": {"merge_layer": -3, "keep_ratio": 0.2006, "kv_block_align": "keep_more"}},
     "deep-only": "deep-only",
 }
 SCALED = {
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-min", type=float, default=60.0, help="per engine process")
     p.add_argument("--warmup", choices=["every-bucket", "first-bucket"], default="every-bucket",
                    help="untimed short chat per bucket, or on the first bucket only (eager 7B runs)")
+    p.add_argument("--chat-answer", choices=["fixed", "generated"], default="fixed",
+                   help="(c): turn 2 holds a fixed answer text, or turn 1's own answer token for token")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     cpu = probe_cpu()
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.run(bench, variants, a.buckets, clips, reps=a.reps, decode_tokens=a.decode_tokens,
                 e2e_bucket=a.e2e_bucket, e2e_tokens=a.e2e_tokens, cpu=cpu, out_dir=a.out,
                 timeout_min=a.timeout_min, warmup_every_bucket=a.warmup == "every-bucket",
-                argv=["python", "benchmarks/bench_offline.py", *(argv or sys.argv[1:])])
+                chat_answer=a.chat_answer, argv=["python", "benchmarks/bench_offline.py", *(argv or sys.argv[1:])])
     return 0
 
 

@@ -16,7 +16,9 @@ interleaved inside a rep, after one untimed warm-up chat per bucket:
   of the same turn-1 request, ``decode_tokens`` (>= 32) tokens with ``ignore_eos``;
 * (c) **turn 2 of a chat that repeats turn 1's audio**: turn 1's prompt, a fixed assistant
   answer and a new user question, the same audio (same noise): TTFT of turn 2 and its
-  ``num_cached_tokens`` (the prefix cache's part);
+  ``num_cached_tokens`` (the prefix cache's part). With ``chat_answer="generated"`` the answer
+  is turn 1's own output, token for token (what a chat client re-sends), so the blocks turn 1
+  filled while answering are cached too;
 * (d) **end-to-end latency of a typical request**: at the ``e2e_bucket`` (30 s) turn 1 asks
   for ``e2e_tokens`` (128) tokens; TTFT + decode time of that request.
 
@@ -132,9 +134,13 @@ def worker(job_path: str) -> None:
     page_per_group = [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups]
     rng = np.random.default_rng(job["seed"])
     turn2 = chat_turn2(job["prompt"])
+    tok = llm.get_tokenizer()
+    prompt_ids = tok.encode(job["prompt"], add_special_tokens=False)
+    follow_ids = tok.encode(turn2[len(job["prompt"]) + len(ANSWER):], add_special_tokens=False)
 
-    def request(rid: str, prompt: str, audio, max_tokens: int, read_kv: bool) -> dict:
-        engine.add_request(rid, {"prompt": prompt, "multi_modal_data": {"audio": audio}},
+    def request(rid: str, prompt, audio, max_tokens: int, read_kv: bool) -> dict:
+        text = {"prompt_token_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt}
+        engine.add_request(rid, {**text, "multi_modal_data": {"audio": audio}},
                            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
         blocks, final = None, None
         while final is None:
@@ -153,7 +159,8 @@ def worker(job_path: str) -> None:
         decode = (m.last_token_ts - m.first_token_ts) / (n - 1) if n > 1 else None
         out = {"ttft_s": m.first_token_latency, "decode_s_per_token": decode, "output_tokens": n,
                "e2e_s": m.first_token_latency + (m.last_token_ts - m.first_token_ts),
-               "prompt_tokens": len(final.prompt_token_ids), "cached_tokens": final.num_cached_tokens or 0}
+               "prompt_tokens": len(final.prompt_token_ids), "cached_tokens": final.num_cached_tokens or 0,
+               "token_ids": list(final.outputs[0].token_ids)}
         if blocks is not None:
             out["kv_blocks_per_group"] = blocks
             out["kv_bytes"] = sum(b * p for b, p in zip(blocks, page_per_group))
@@ -163,7 +170,11 @@ def worker(job_path: str) -> None:
         noisy = (wave + rng.normal(0, 1e-4, wave.shape).astype(np.float32), sr)
         tokens = 2 if warmup else job["e2e_tokens"] if secs == job["e2e_bucket"] else job["decode_tokens"]
         t1 = request(f"{tag}-t1", job["prompt"], noisy, tokens, read_kv=True)
-        t2 = request(f"{tag}-t2", turn2, noisy, 1, read_kv=False)
+        two = turn2
+        if job.get("chat_answer") == "generated":  # turn 1's answer token for token, then the question
+            two = prompt_ids + t1["token_ids"] + follow_ids
+        t2 = request(f"{tag}-t2", two, noisy, 1, read_kv=False)
+        t1.pop("token_ids"), t2.pop("token_ids")
         return {"turn1": t1, "turn2": t2}
 
     clips = {float(s): sf.read(p, dtype="float32") for s, p in job["clips"].items()}
@@ -191,7 +202,7 @@ def variant_engine(bench: Bench, variant: str) -> tuple[dict, bool]:
 
 def run(bench: Bench, variants: list[str], buckets: list[float], clips: dict, *, reps: int, decode_tokens: int,
         e2e_bucket: float, e2e_tokens: int, cpu: dict, out_dir: Path, timeout_min: float, argv: list[str],
-        warmup_every_bucket: bool = True) -> dict:
+        warmup_every_bucket: bool = True, chat_answer: str = "fixed") -> dict:
     """Every variant in its own engine process, stock first and again at the end; the report."""
     from tqdm import tqdm
 
@@ -214,6 +225,7 @@ def run(bench: Bench, variants: list[str], buckets: list[float], clips: dict, *,
             "clips": {str(s): str(clips[s]) for s in buckets},
             "reps": reps, "decode_tokens": decode_tokens, "e2e_bucket": e2e_bucket, "e2e_tokens": e2e_tokens,
             "seed": len(runs), "out": str(out_path), "warmup_every_bucket": warmup_every_bucket,
+            "chat_answer": chat_answer,
         }))
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if not plugin:
@@ -234,7 +246,7 @@ def run(bench: Bench, variants: list[str], buckets: list[float], clips: dict, *,
                       if not callable(v)},
             "cpu": cpu, "command": " ".join(argv), "buckets": buckets, "reps": reps,
             "decode_tokens": decode_tokens, "e2e_bucket": e2e_bucket, "e2e_tokens": e2e_tokens,
-            "warmup_every_bucket": warmup_every_bucket, "rows": rows, "runs": runs}
+            "warmup_every_bucket": warmup_every_bucket, "chat_answer": chat_answer, "rows": rows, "runs": runs}
     write(bench, data, out_dir)
     return data
 
@@ -336,7 +348,9 @@ def write(bench: Bench, data: dict, out_dir: Path) -> None:
         f"× = baseline median / variant median (> 1: faster than the baseline; for KV, variant / baseline). "
         f"(a), (b), (d) from turn 1 (fresh noise: no cache serves it), {data['decode_tokens']} output tokens "
         f"with ignore_eos, {data['e2e_tokens']} at the {data['e2e_bucket']:g} s bucket ((d) there only); "
-        "(c) turn 2 repeats turn 1's audio (same noise) after a fixed answer; times from vLLM's request "
+        "(c) turn 2 repeats turn 1's audio (same noise) after "
+        + ("turn 1's own answer, token for token" if data.get("chat_answer") == "generated" else "a fixed answer")
+        + "; times from vLLM's request "
         "metrics. KV at turn 1's first token, from the engine's KV-cache managers.",
         f"{bench.title}: {bench.dtype}, dummy weights, single-process engine, KV budget "
         f"{bench.kv_bytes / 2**20:.0f} MiB, max_model_len {bench.max_model_len}."
