@@ -150,15 +150,6 @@ class EncoderStage(_Strict):
         "full-length sequence in which every frame is replaced by its group's mean"
     )
 
-    kv_block_align: Literal["off", "keep_more", "keep_fewer"] = Field(
-        "off", description="round each audio span's rows dropped at the deep merge to a multiple of "
-        "the KV block size, so that past every span the deep layers' sequence and the prompt are "
-        "congruent modulo the block size: a token-block boundary is then a deep-block boundary, and "
-        "vLLM's prefix cache stays on (a chat's next turn hits the deep layers' blocks too). "
-        "'keep_more' rounds the drop down (at most block_size - 1 more rows), 'keep_fewer' up. "
-        "'off': prefix caching is turned off for a server with a deep stage"
-    )
-
     _finite = field_validator("keep_ratio", mode="before")(InputStage._finite_number.__func__)
 
     def resolve_layer(self, num_layers: int) -> int:
