@@ -339,23 +339,23 @@ def aligned_run(tiny_model, clips, tmp_path_factory):
 def test_aligned_deep_stage_matches_reference_with_the_aligned_counts(aligned_run, reference):
     """The engine keeps K' = m - bs*floor((m - K)/bs) rows per span (bs = 32 here), and equals
     the reference told those counts; the reference with the unaligned K is rejected."""
-    from vllm_affinity.plan import kept_count
+    from vllm_affinity.plan import deep_kept_count
 
     job, run = aligned_run
     assert "prefix caching kept" in run["log"]
     aligned_some = False
     for i, (req, res) in enumerate(zip(job["requests"], run["results"])):
         def pool(x, align="keep_more"):
-            k = kept_count(x.shape[0], 0.3, BLOCK, align)
+            k = deep_kept_count(x.shape[0], 0.3, BLOCK, align)
             return P.group_sizes(x, k, "affinity", 3)
 
         ref = _reference(reference, req, 1, 0.3, None, deep_pool_fn=pool)
         par = json_compare(res, ref)
         assert par.ok, f"request {i}: {par}"
         m = ref.audio_tokens_kept[0]
-        assert ref.deep_tokens_kept == [kept_count(m, 0.3, BLOCK, "keep_more")]
+        assert ref.deep_tokens_kept == [deep_kept_count(m, 0.3, BLOCK, "keep_more")]
         assert (m - ref.deep_tokens_kept[0]) % BLOCK == 0
-        if kept_count(m, 0.3, BLOCK, "keep_more") != P.num_kept(m, 0.3):
+        if deep_kept_count(m, 0.3, BLOCK, "keep_more") != P.num_kept(m, 0.3):
             aligned_some = True
             bad = json_compare(res, _reference(reference, req, 1, 0.3, None,
                                                deep_pool_fn=lambda x: pool(x, "off")))

@@ -31,7 +31,7 @@ import numpy as np
 from .pooling import block_aligned_count, num_kept
 
 
-def kept_count(n: int, keep_ratio: float, block_size: int | None = None, align: str = "off") -> int:
+def deep_kept_count(n: int, keep_ratio: float, block_size: int | None = None, align: str = "off") -> int:
     """Rows a span of ``n`` keeps above the merge: ``num_kept(n, keep_ratio)``, its drop
     rounded to a multiple of ``block_size`` where ``align`` (``deep.kv_block_align``) says."""
     k = num_kept(n, keep_ratio)
@@ -86,7 +86,7 @@ class DeepPlan:
                     align: str = "off") -> "DeepPlan":
         """``align`` (``deep.kv_block_align``) with ``block_size``: each span drops a multiple of
         the block size (:func:`~vllm_affinity.pooling.block_aligned_count`)."""
-        return cls([Span(o, n, kept_count(n, keep_ratio, block_size, align)) for o, n in ranges if n > 0])
+        return cls([Span(o, n, deep_kept_count(n, keep_ratio, block_size, align)) for o, n in ranges if n > 0])
 
     @classmethod
     def from_features(cls, mm_features: Iterable[Any] | None, keep_ratio: float, *, block_size: int | None = None,

@@ -348,9 +348,9 @@ class AffinityProcessorMixin:
         deep = self.info.affinity.deep
         kept_deep = kept
         if deep is not None:  # the plan's counts (deep.kv_block_align included)
-            from ..plan import kept_count
+            from ..plan import deep_kept_count
 
-            kept_deep = [kept_count(k, deep.keep_ratio, self.block_size(), deep.kv_block_align) for k in kept]
+            kept_deep = [deep_kept_count(k, deep.keep_ratio, self.block_size(), deep.kv_block_align) for k in kept]
         prompt_len = len(out.get("encoder_prompt_token_ids") or out["prompt_token_ids"])
         blocks = self.kv_blocks_saved(prompt_len, n, kept, kept_deep)
         deep_part = f" -> {kept_deep} above the deep merge layer" if deep is not None else ""
