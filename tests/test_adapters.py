@@ -55,6 +55,8 @@ class Arch:
     stock_engine_kw: tuple = ()
     #: `vllm serve` needs --chat-template <model>/chat_template.jinja (no template in the tokenizer)
     chat_template_file: bool = False
+    #: bound of 'off' against stock: float noise only (a wrong 'off' moves log-probs by > 1)
+    off_logprob_tol: float = LOGPROB_TOL / 10
 
     def ok(self, parity) -> bool:
         return parity.same_prompt and parity.same_tokens and parity.max_logprob_diff <= self.logprob_tol
@@ -78,7 +80,11 @@ ARCHS = {
     # and fails on two lengths (torch.stack), so the stock run takes one request at a time
     "kimi": Arch("Kimi-Audio", "tiny_kimi", "ReferenceKimiAudio", "<|im_media_begin|>", 390, 390,
                  transcription=True, engine_kw=(("limit_mm_per_prompt", {"audio": 1}),),
-                 stock_engine_kw=(("max_num_seqs", 1),), chat_template_file=True),
+                 stock_engine_kw=(("max_num_seqs", 1),), chat_template_file=True,
+                 # a 151,672-entry log-softmax on a hidden-64 decoder: float noise is larger; stock
+                 # against stock, same settings, differed by 2e-5 to 4e-5, 'off' against stock by
+                 # 2e-5 to 2e-4 over three runs (the wrong poolings move >= 7.6e-2)
+                 off_logprob_tol=LOGPROB_TOL),
 }
 
 
@@ -183,7 +189,7 @@ def test_checkpoint_cut_points_are_not_ties(hf_ref, clips3, prompt, model):
         f"a stale checkpoint? delete {model} and rerun (the builder amplifies the audio front end)")
 
 
-def test_off_is_stock(runs, clips3):
+def test_off_is_stock(runs, clips3, arch):
     stock, off = runs["stock"]["results"], runs["off"]["results"][: len(clips3)]
     assert "vllm-affinity" not in runs["stock"]["log"]
     for s, o in zip(stock, off):
@@ -192,7 +198,7 @@ def test_off_is_stock(runs, clips3):
         # the 'off' engine batches these with 9 more requests: float noise only (measured
         # 5e-7 to 1.2e-5; a wrong pooling moves log-probs by > 1, test_wrong_pooling_is_rejected)
         diff = max(abs(o["logprobs"][i][t] - v) for i, step in enumerate(s["logprobs"]) for t, v in step.items())
-        assert diff < LOGPROB_TOL / 10
+        assert diff < arch.off_logprob_tol
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
