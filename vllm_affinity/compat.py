@@ -87,6 +87,15 @@ SEAMS: tuple[Seam, ...] = (
           "num_local_computed_tokens", "num_tokens_main_model"), "allocates the compacted deep-group blocks"),
     _deep("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.allocate_new_blocks",
           ("request_id", "num_tokens", "num_tokens_main_model")),
+    # deep.kv_block_align: the deep group's blocks cached and found by prefix (engine/kv.py)
+    _deep("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.find_longest_cache_hit",
+          ("block_hashes", "max_length", "kv_cache_group_ids", "block_pool", "kv_cache_spec"),
+          "finds the compacted blocks a prefix determines"),
+    _deep("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.cache_blocks", ("request", "num_tokens"),
+          "caches the compacted blocks under their determining token block"),
+    _deep("vllm.v1.core.block_pool:BlockPool.cache_full_blocks",
+          ("request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size", "kv_cache_group_id")),
+    _deep("vllm.v1.core.block_pool:BlockPool.get_cached_block", ("block_hash", "kv_cache_group_ids")),
     # register() registers the deep KV spec in every process, whatever the SPEC
     Seam("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered", ()),
     Seam("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register"),
