@@ -101,8 +101,7 @@ class DeepPlan:
     def of_request(cls, mm_features: Iterable[Any] | None, deep: Any, block_size: int | None) -> "DeepPlan":
         """The plan the server's deep stage (``config.DeepStage``) gives a request: the one
         constructor scheduler, KV manager, worker and processor share."""
-        return cls.from_features(mm_features, deep.keep_ratio, block_size=block_size,
-                                 align=getattr(deep, "kv_block_align", "off"))
+        return cls.from_features(mm_features, deep.keep_ratio, block_size=block_size, align=deep.kv_block_align)
 
     def rows(self, start: int, end: int) -> StepRows:
         """Rows of the range [start, end) in the layers above the merge: text tokens keep

@@ -17,32 +17,19 @@ but the format-detection codes).
 
 from __future__ import annotations
 
-import functools
-import logging
-
-logger = logging.getLogger("vllm.affinity")
-_MARK = "_vllm_affinity_patched"
-
 
 def apply() -> None:
-    from . import PATCHED_VLLM, vllm_version_matches
+    from . import wrap_once
 
-    if not vllm_version_matches():
-        raise RuntimeError(f"vllm-affinity patch audio_decode_errors is written for vLLM {', '.join(PATCHED_VLLM)}")
-    from vllm.multimodal.media import audio as media_audio
+    def make(original):
+        def load_audio(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except ImportError:
+                raise
+            except RuntimeError as exc:  # soundfile.LibsndfileError and other decoder errors
+                raise ValueError(f"Invalid or unsupported audio: {exc}") from exc
 
-    original = media_audio.load_audio
-    if getattr(original, _MARK, False):
-        return
+        return load_audio
 
-    @functools.wraps(original)
-    def load_audio(*args, **kwargs):
-        try:
-            return original(*args, **kwargs)
-        except ImportError:
-            raise
-        except RuntimeError as exc:  # soundfile.LibsndfileError and other decoder errors
-            raise ValueError(f"Invalid or unsupported audio: {exc}") from exc
-
-    setattr(load_audio, _MARK, True)
-    media_audio.load_audio = load_audio
+    wrap_once("audio_decode_errors", "vllm.multimodal.media.audio:load_audio", make)

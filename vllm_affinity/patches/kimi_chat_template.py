@@ -17,29 +17,19 @@ makes this patch refuse any vLLM it was not checked against (the method is the s
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
-
-_MARK = "_vllm_affinity_patched"
 
 
 def apply() -> None:
-    from . import PATCHED_VLLM, vllm_version_matches
+    from . import wrap_once
 
-    if not vllm_version_matches():
-        raise RuntimeError(f"vllm-affinity patch kimi_chat_template is written for vLLM {', '.join(PATCHED_VLLM)}")
-    from vllm.tokenizers.kimi_audio import KimiAudioTokenizer
+    def make(original):
+        def apply_chat_template(self, messages=None, tools=None, chat_template=None, tokenize=False, **kwargs):
+            conversation = messages if messages is not None else kwargs.pop("conversation", None)
+            if conversation and isinstance(conversation[0], Mapping):  # one conversation: a batch of one
+                conversation = [conversation]
+            return original(self, conversation, tools, chat_template, tokenize, **kwargs)
 
-    original = KimiAudioTokenizer.apply_chat_template
-    if getattr(original, _MARK, False):
-        return
+        return apply_chat_template
 
-    @functools.wraps(original)
-    def apply_chat_template(self, messages=None, tools=None, chat_template=None, tokenize=False, **kwargs):
-        conversation = messages if messages is not None else kwargs.pop("conversation", None)
-        if conversation and isinstance(conversation[0], Mapping):  # one conversation: a batch of one
-            conversation = [conversation]
-        return original(self, conversation, tools, chat_template, tokenize, **kwargs)
-
-    setattr(apply_chat_template, _MARK, True)
-    KimiAudioTokenizer.apply_chat_template = apply_chat_template
+    wrap_once("kimi_chat_template", "vllm.tokenizers.kimi_audio:KimiAudioTokenizer.apply_chat_template", make)
