@@ -62,6 +62,11 @@ SPECS = {
     # Qwen2-Audio would truncate to 30 s (the 60 s bucket's speed-ups are against it)
     "windows-only": {"long_audio": "windows"},
     "paper-aggressive": "paper-aggressive",
+    # the same with vLLM's prefix caching off (harness.NO_PREFIX_CACHING): kv_block_align 'auto'
+    # is then 'off', the exact keep ratios (what paper-aggressive was before issue 21's default)
+    "paper-aggressive-nopc": "paper-aggressive",
+    "input-only-nopc": "input-only",
+    "input+encoder-nopc": {"preset": "input-only", "encoder": ENCODER_STAGE},
     # + the encoder stage at the setting the Whisper results support (ENCODER_STAGE)
     "paper-aggressive+encoder": {"preset": "paper-aggressive", "encoder": ENCODER_STAGE},
     # the stages that need no runner hook: input 0.7432 + the encoder stage, no deep stage
@@ -170,16 +175,19 @@ def encoder_flops(cfg: dict, positions: int, merge_layer: int | None = None, mer
                                  merge_layer=merge_layer, merged=merged)
 
 
-def audio_stages(spec, secs: float, num_layers: int, block_size: int | None = None) -> dict:
+def audio_stages(spec, secs: float, num_layers: int, block_size: int | None = None,
+                 prefix_caching: bool = True) -> dict:
     """Token counts of one audio of ``secs`` seconds through the stages: ``n`` (stock
     tokens), ``k_enc`` (after the encoder stage), ``k_in`` (input stage), ``k_deep`` (deep
     stage), ``deep_layer``; per window ``positions`` (encoder positions after conv2 the first
     layers see), ``real_positions`` and ``merged`` (positions after the encoder stage, or None)."""
+    from vllm_affinity.plan import deep_kept_count
     from vllm_affinity.pooling import block_aligned_count, num_kept
 
     from vllm_affinity.encoder import MARGIN, encoder_output_lengths, encoder_stage_tokens, window_mel_frames
 
-    cfg = load_cfg(spec)
+    # kv_block_align 'auto' as the config hook resolves it for this engine (Qwen2-Audio: decoder-only)
+    cfg = load_cfg(spec).with_block_align(prefix_caching=prefix_caching, prompt_holds_audio=True)
     frames = window_mel_frames(int(round(secs * 16000)), windows=cfg.long_audio == "windows")
     n = sum(encoder_output_lengths(f)[1] for f in frames)
     enc = cfg.encoder
@@ -193,7 +201,9 @@ def audio_stages(spec, secs: float, num_layers: int, block_size: int | None = No
     if cfg.input and cfg.input.kv_block_align != "off":  # as the processor counts (adapters/base.py)
         k_in = block_aligned_count(n, k_in, block_size, cfg.input.kv_block_align, most=k_enc)
     deep_layer = cfg.deep.resolve_layer(num_layers) if cfg.deep else None
-    return dict(n=n, k_enc=k_enc, k_in=k_in, k_deep=num_kept(k_in, cfg.deep.keep_ratio) if cfg.deep else k_in,
+    # the plan's count (deep.kv_block_align included), as the scheduler and workers count
+    k_deep = deep_kept_count(k_in, cfg.deep.keep_ratio, block_size, cfg.deep.kv_block_align) if cfg.deep else k_in
+    return dict(n=n, k_enc=k_enc, k_in=k_in, k_deep=k_deep,
                 deep_layer=deep_layer, positions=positions, merged=merged,
                 real_positions=[encoder_output_lengths(f)[0] for f in frames])
 
@@ -205,7 +215,7 @@ def extras(specs: dict, cfg: dict, n_layers: int):
     included), whether the variant sees only the first 30 s."""
     def columns(variant: str, secs: float, row: dict) -> dict:
         spec = specs.get(variant)
-        st = audio_stages(spec, secs, n_layers, row.get("block_size"))
+        st = audio_stages(spec, secs, n_layers, row.get("block_size"), row.get("prefix_caching", True))
         c = load_cfg(spec)
         enc_layer = c.encoder.resolve_layer(cfg["audio_config"]["encoder_layers"]) if c.encoder else None
         text = row["prompt_tokens"] - st["k_in"]

@@ -58,6 +58,9 @@ STOCK_VARIANTS = {
     "stock": {},
     "stock-eager-nopc": {"enforce_eager": True, "enable_prefix_caching": False},
 }
+#: a plugin variant named ``<spec>-nopc`` runs with ``enable_prefix_caching=False`` (what a user
+#: serving single turns may choose: kv_block_align 'auto' then keeps the exact keep_ratio)
+NO_PREFIX_CACHING = "-nopc"
 #: what a chat client re-sends as turn 1's answer, and the follow-up question
 ANSWER = "The speaker reads a short passage about the weather."
 FOLLOW_UP = "Summarize it in one sentence."
@@ -197,6 +200,8 @@ def variant_engine(bench: Bench, variant: str) -> tuple[dict, bool]:
     base = variant.removesuffix(" (again)")
     if base in STOCK_VARIANTS:
         return {**bench.machine_needs, **STOCK_VARIANTS[base]}, False
+    if base.endswith(NO_PREFIX_CACHING):  # the plugin's SPEC with vLLM's prefix caching off
+        return {**bench.machine_needs, "enable_prefix_caching": False}, True
     return dict(bench.machine_needs), True
 
 
@@ -278,6 +283,7 @@ def aggregate(bench: Bench, runs: list[dict], buckets: list[float], e2e_tokens: 
                 "turn1_cached_tokens": max(t["cached_tokens"] for t in t1),
                 "kv_bytes": t1[0].get("kv_bytes"), "kv_blocks_per_group": t1[0].get("kv_blocks_per_group"),
                 "block_size": (r.get("flags") or {}).get("block_size"),
+                "prefix_caching": (r.get("flags") or {}).get("prefix_caching", True),
             }
         base_name = bench.baseline(secs)
         base = per.get(base_name)

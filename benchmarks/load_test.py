@@ -2,13 +2,16 @@
 
     python benchmarks/load_test.py [--requests 1000] [--concurrency 32] [--out FILE]
 
-Starts `vllm-affinity serve` on 127.0.0.1 with the tiny model, sends a mix of audio
-(1-30 s), text-only and two-audio chat requests, streaming and not, cancels ~10%
-mid-flight (the client closes the stream after its first chunk), then re-runs every
-distinct request alone and compares greedy answers. It passes when every request that
-was not cancelled is answered, no answer differs from the same request alone, the KV
-cache is empty again (vLLM's ``vllm:kv_cache_usage_perc`` back to 0) and the server log
-has no traceback. tests/test_hardening.py runs a CI-sized version (200 requests, 16
+Starts `vllm-affinity serve` on 127.0.0.1 with the tiny model (vLLM's prefix caching on,
+as by default), sends a mix of audio (1-30 s), text-only, two-audio and two-turn chat
+requests (a follow-up that re-sends an audio the single-turn requests also send, so the
+prefix cache hits it in every KV group, deep layers included), streaming and not, cancels
+~10% mid-flight (the client closes the stream after its first chunk), then re-runs every
+distinct request alone on an emptied prefix cache (``/reset_prefix_cache``, the server in
+``VLLM_SERVER_DEV_MODE``) and compares greedy answers. It passes when every request that
+was not cancelled is answered, no answer differs from the same request alone and uncached,
+the KV cache is empty again (vLLM's ``vllm:kv_cache_usage_perc`` back to 0) and the server
+log has no traceback. tests/test_hardening.py runs a CI-sized version (200 requests, 16
 clients); this script runs larger ones and writes the summary as JSON.
 """
 
@@ -29,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DURATIONS = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 13.0, 16.0, 20.0, 24.0, 27.0, 30.0)
 QUESTIONS = ("What does the speaker say?", "Summarize the audio.", "Transcribe it.")
+#: a two-turn chat: turn 1 (audio + question) with this answer, then this follow-up
+CHAT_ANSWER, FOLLOW_UP = "The speaker reads a short passage.", "Summarize it in one sentence."
 
 
 @dataclass
@@ -38,6 +43,7 @@ class LoadRequest:
     max_tokens: int
     stream: bool
     cancel: bool
+    history: list | None = None  # earlier turns of a chat (messages), before this user turn
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Summary:
     errors: int = 0
     mismatches: int = 0
     kv_usage_after: float | None = None
+    prefix_cache_hit_tokens: float | None = None  # during the load (vllm:prefix_cache_hits)
     tracebacks_in_log: int | None = None
     wall_s: float = 0.0
     error_samples: list[str] = field(default_factory=list)
@@ -90,10 +97,17 @@ def build_requests(clips: dict[float, Path], n: int, seed: int = 0, cancel_frac:
     parts = {s: _audio_part(p) for s, p in clips.items()}
     out = []
     for i in range(n):
-        kind = rng.choices(["audio", "text", "two"], weights=[7, 2, 1])[0]
+        kind = rng.choices(["audio", "text", "two", "chat"], weights=[7, 2, 1, 2])[0]
         q = rng.choice(QUESTIONS)
         max_tokens = rng.choice((4, 8, 16))
-        if kind == "audio":
+        history = None
+        if kind == "chat":  # turn 2 re-sends turn 1's audio: a prefix-cache hit across the audio
+            s = rng.choice(DURATIONS)
+            history = [{"role": "user", "content": [parts[s], {"type": "text", "text": q}]},
+                       {"role": "assistant", "content": CHAT_ANSWER}]
+            content = FOLLOW_UP
+            key = f"chat:{s}:{q}:{max_tokens}"
+        elif kind == "audio":
             s = rng.choice(DURATIONS)
             content = [parts[s], {"type": "text", "text": q}]
             key = f"audio:{s}:{q}:{max_tokens}"
@@ -105,13 +119,14 @@ def build_requests(clips: dict[float, Path], n: int, seed: int = 0, cancel_frac:
             content = f"{q} Request {i % 7}."
             key = f"text:{i % 7}:{q}:{max_tokens}"
         cancel = rng.random() < cancel_frac
-        out.append(LoadRequest(key, content, max_tokens, stream=cancel or rng.random() < 0.5, cancel=cancel))
+        out.append(LoadRequest(key, content, max_tokens, stream=cancel or rng.random() < 0.5, cancel=cancel,
+                               history=history))
     return out
 
 
 def _one(client, model: str, req: LoadRequest) -> LoadResult:
     t0 = time.monotonic()
-    messages = [{"role": "user", "content": req.content}]
+    messages = [*(req.history or []), {"role": "user", "content": req.content}]
     try:
         if req.stream:
             stream = client.chat.completions.create(model=model, messages=messages, max_tokens=req.max_tokens,
@@ -131,17 +146,40 @@ def _one(client, model: str, req: LoadRequest) -> LoadResult:
                           seconds=time.monotonic() - t0)
 
 
-def kv_usage(base_url: str) -> float | None:
+def _metric(base_url: str, name: str) -> float | None:
+    """A vLLM metric summed over its label sets (None: not exported)."""
     root = base_url.rsplit("/v1", 1)[0]
+    total = None
     with urllib.request.urlopen(root + "/metrics", timeout=10) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith("vllm:kv_cache_usage_perc"):
-                return float(line.rsplit(" ", 1)[1])
-    return None
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def kv_usage(base_url: str) -> float | None:
+    return _metric(base_url, "vllm:kv_cache_usage_perc")
+
+
+def reset_prefix_cache(base_url: str, timeout_s: float = 30.0) -> None:
+    """Empty the server's prefix cache (vLLM's dev endpoint, ``VLLM_SERVER_DEV_MODE=1``); it
+    refuses while blocks are held, so retry until the aborted requests have drained."""
+    root = base_url.rsplit("/v1", 1)[0]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        req = urllib.request.Request(root + "/reset_prefix_cache", method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            if json.loads(r.read().decode() or "{}").get("success", False):
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server refused to reset its prefix cache (blocks still held)")
+        time.sleep(0.5)
 
 
 def run_load(base_url: str, model: str, reqs: list[LoadRequest], concurrency: int,
-             log_text=None, settle_s: float = 30.0) -> tuple[Summary, list[LoadResult]]:
+             log_text=None, settle_s: float = 30.0, uncached_alone: bool = True) -> tuple[Summary, list[LoadResult]]:
+    """``uncached_alone``: each distinct request's reference answer is computed alone on an
+    emptied prefix cache (the server must run with ``VLLM_SERVER_DEV_MODE=1``)."""
     import openai
 
     local = threading.local()
@@ -151,15 +189,22 @@ def run_load(base_url: str, model: str, reqs: list[LoadRequest], concurrency: in
             local.c = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
         return local.c
 
+    hits_before = _metric(base_url, "vllm:prefix_cache_hits_total")
     t0 = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda r: _one(client(), model, r), reqs))
     summary = Summary(sent=len(reqs), wall_s=time.monotonic() - t0)
+    hits_after = _metric(base_url, "vllm:prefix_cache_hits_total")
+    if hits_before is not None and hits_after is not None:
+        summary.prefix_cache_hit_tokens = hits_after - hits_before
     alone: dict[str, str] = {}
     seq = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
     for req in reqs:
         if req.key not in alone:
-            alone[req.key] = _one(seq, model, LoadRequest(req.key, req.content, req.max_tokens, False, False)).text
+            if uncached_alone:
+                reset_prefix_cache(base_url, settle_s)
+            alone[req.key] = _one(seq, model, LoadRequest(req.key, req.content, req.max_tokens, False, False,
+                                                          req.history)).text
     for req, res in zip(reqs, results):
         if res.status == "answered":
             summary.answered += 1
@@ -208,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     model = ensure_tiny_model(ROOT / ".cache" / "tiny-qwen2-audio")
     with ServerProcess(model, ["--affinity", json.dumps(SERVER_SPEC), *CPU_ARGS, "--block-size", "32",
                                "--max-num-seqs", str(a.concurrency)],
-                       log_path=cache / "server.log", served_model_name="tiny") as srv:
+                       log_path=cache / "server.log", served_model_name="tiny",
+                       env={"VLLM_SERVER_DEV_MODE": "1"}) as srv:  # /reset_prefix_cache
         summary, _ = run_load(srv.base_url, "tiny", reqs, a.concurrency, log_text=srv.log)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({**summary.__dict__, "ok": summary.ok, "concurrency": a.concurrency}, indent=2))

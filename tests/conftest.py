@@ -21,12 +21,15 @@ CACHE = ROOT / ".cache"
 TINY = CACHE / "tiny-qwen2-audio"
 CLIP_SECONDS = (2.0, 5.0, 11.0, 19.5, 30.0)
 
-# same engine settings everywhere (tests, helpers, server): fp32, eager, small KV
+# same engine settings everywhere (tests, helpers, server): fp32, eager, small KV; prefix caching
+# off, so kv_block_align 'auto' keeps the exact keep ratios the references count (with it on, vLLM's
+# default, 'auto' aligns the counts to the KV block: test_chat_cache.py, test_server.py run that path)
 ENGINE_KW = dict(
     dtype="float32",
     max_model_len=2048,
     kv_cache_memory_bytes=256 << 20,
     enforce_eager=True,
+    enable_prefix_caching=False,
     max_logprobs=20,
     limit_mm_per_prompt={"audio": 2},
 )

@@ -96,6 +96,12 @@ def test_token_chain_counts_block_alignment_as_the_processor_does():
         spec = resolve_spec(variant, 12, 8)
         spec_aligned = resolve_spec(variant.replace("input+encoder", "input+encoder+align")
                                     .replace("input-only", "input-only+align"), 12, 8)
-        assert audio_stages(spec, 30.0, 12, 128)["k_in"] == plain
+        # the presets leave kv_block_align 'auto': aligned under prefix caching (vLLM's default)
+        assert audio_stages(spec, 30.0, 12, 128, prefix_caching=False)["k_in"] == plain
+        assert audio_stages(spec, 30.0, 12, 128)["k_in"] == aligned
         assert audio_stages(spec_aligned, 30.0, 12, 128)["k_in"] == aligned
         assert (750 - aligned) % 128 == 0
+    # the deep stage's rows too (paper-aggressive, 30 s: 622 -> 125, aligned 622 - 3 * 128 = 238)
+    deep = resolve_spec("paper-aggressive", 12, 8)
+    assert audio_stages(deep, 30.0, 12, 128)["k_deep"] == 238
+    assert audio_stages(deep, 30.0, 12, 128, prefix_caching=False)["k_deep"] == 112  # 558 -> 112

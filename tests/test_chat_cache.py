@@ -25,7 +25,8 @@ CLIPS = (3, 4)  # 19.5 s and 30 s: 487 and 750 audio tokens; at 0.74 they drop 1
 
 def _chat(tiny_model, clips, tmp_path, spec, *, env=None, extra_chats=(), replay: bool = False):
     job = {"task": "chat", "model": str(tiny_model), "prompt": PROMPT, "follow_up": FOLLOW_UP,
-           "max_tokens": 8, "chats": [{"audio": str(clips[i])} for i in CLIPS] + list(extra_chats)}
+           "max_tokens": 8, "chats": [{"audio": str(clips[i])} for i in CLIPS] + list(extra_chats),
+           "engine_kw_extra": {"enable_prefix_caching": True}}  # vLLM's default (ENGINE_KW turns it off)
     if replay:  # turn 1 answers 160 tokens, which turn 2 holds: the audio's last block fills up
         job.update(replay_answer=True, max_tokens=160)
     if spec is not None:
@@ -44,11 +45,14 @@ def _uncached(chat: dict) -> int:
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("align", ["keep_more", "keep_fewer"])
+@pytest.mark.parametrize("align", ["auto", "keep_fewer"])
 def test_aligned_follow_up_turn_recomputes_what_stock_does(align, stock_chat, tiny_model, clips, tmp_path):
-    spec = {"input": {"keep_ratio": RATIO, "kv_block_align": align}}
+    """'auto' (the field left out: the default) is 'keep_more' with prefix caching on."""
+    spec = {"input": {"keep_ratio": RATIO} if align == "auto" else {"keep_ratio": RATIO, "kv_block_align": align}}
     other = {"audio": str(clips[CLIPS[1]]), "turn2_mm_processor_kwargs": {"affinity_keep_ratio": 0.5}}
     run = _chat(tiny_model, clips, tmp_path, spec, extra_chats=[other])
+    if align == "auto":
+        assert "kv_block_align auto -> input.kv_block_align=keep_more (prefix caching on)" in run["log"]
     bs = run["block_size"]
     assert bs == stock_chat["block_size"]
     drops = []
@@ -71,7 +75,7 @@ def test_aligned_follow_up_turn_recomputes_what_stock_does(align, stock_chat, ti
 def test_unaligned_follow_up_turn_recomputes_another_tail(stock_chat, tiny_model, clips, tmp_path):
     """The wrong variant: without alignment the clips drop a non-multiple of the block and
     the follow-up recomputes a different tail than stock (what issue 21 measured)."""
-    run = _chat(tiny_model, clips, tmp_path, {"input": {"keep_ratio": RATIO}})
+    run = _chat(tiny_model, clips, tmp_path, {"input": {"keep_ratio": RATIO, "kv_block_align": "off"}})
     bs = run["block_size"]
     differs = [_uncached(c) != _uncached(r) for c, r in zip(run["chats"], stock_chat["chats"])]
     assert all(differs), (bs, run["chats"], stock_chat["chats"])
@@ -131,8 +135,8 @@ def test_kv_block_align_is_validated_and_refused_for_whisper():
 
 
 # -- the deep stage (deep.kv_block_align): its KV group cached and hit like the others ----------
-DEEP_ALIGNED = {"input": {"keep_ratio": RATIO, "kv_block_align": "keep_more"},
-                "deep": {"merge_layer": 1, "keep_ratio": 0.3, "kv_block_align": "keep_more"}}
+# kv_block_align left out in both stages: 'auto', i.e. 'keep_more' under vLLM's default prefix caching
+DEEP_ALIGNED = {"input": {"keep_ratio": RATIO}, "deep": {"merge_layer": 1, "keep_ratio": 0.3}}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,7 @@ def test_deep_stage_follow_up_turn_hits_every_kv_group(stock_replay, tiny_model,
     other = {"audio": str(clips[CLIPS[1]]), "turn2_mm_processor_kwargs": {"affinity_keep_ratio": 0.5}}
     run = _chat(tiny_model, clips, tmp_path, DEEP_ALIGNED, extra_chats=[other], replay=True)
     assert "prefix caching kept" in run["log"]
+    assert "input.kv_block_align=keep_more, deep.kv_block_align=keep_more (prefix caching on)" in run["log"]
     for chat, ref in zip(run["chats"], stock_replay["chats"]):
         assert chat["turn2"]["cached"] > 0 and ref["turn2"]["cached"] > 0
         # past the audio: the hit covers it in the deep group too (else it would stop before it)
@@ -158,16 +163,52 @@ def test_deep_stage_follow_up_turn_hits_every_kv_group(stock_replay, tiny_model,
     assert run["chats"][-1]["turn2"]["cached"] == 0
 
 
-@pytest.mark.parametrize("align, cached", [("off", False), ("keep_more", True)])
-def test_deep_stage_keeps_prefix_caching_only_when_aligned(align, cached, tiny_model):
-    """The config hook (vLLM's own config build, no engine): unaligned, a deep block boundary
-    past the audio is no prompt block boundary, so prefix caching goes off (what issue 21
-    measured: turn 2 recomputes all); aligned, it stays at vLLM's default (on)."""
+@pytest.mark.parametrize("align, prefix_caching, resolved", [
+    (None, None, "keep_more"),  # vLLM's default (prefix caching on): 'auto' aligns
+    (None, False, "off"),  # the user turned prefix caching off: the exact keep ratio
+    ("keep_fewer", None, "keep_fewer"),
+    ("off", False, "off"),
+    ("off", None, "refused"),  # unaligned rows under prefix caching: refused, never switched off
+])
+def test_config_hook_resolves_kv_block_align_and_never_turns_prefix_caching_off(
+        align, prefix_caching, resolved, tiny_model):
+    """The config hook (vLLM's own config build, no engine) resolves 'auto' once and writes the
+    resolved SPEC on the HF config every process reads; prefix caching stays what the user set."""
     from vllm.engine.arg_utils import EngineArgs
 
     import vllm_affinity
+    from vllm_affinity.config import AffinityConfigError, server_config
 
     vllm_affinity.register()
-    spec = {"deep": {"merge_layer": 1, "keep_ratio": 0.3, "kv_block_align": align}}
-    cfg = EngineArgs(model=str(tiny_model), dtype="float32", hf_overrides={"affinity": spec}).create_engine_config()
-    assert cfg.cache_config.enable_prefix_caching is cached
+    deep = {"merge_layer": 1, "keep_ratio": 0.3, **({"kv_block_align": align} if align else {})}
+    kw = {} if prefix_caching is None else {"enable_prefix_caching": prefix_caching}
+    args = EngineArgs(model=str(tiny_model), dtype="float32", hf_overrides={"affinity": {"deep": deep}}, **kw)
+    if resolved == "refused":
+        with pytest.raises(AffinityConfigError, match=r"deep\.kv_block_align='off' needs vLLM's prefix caching "
+                           r"off .*--no-enable-prefix-caching"):
+            args.create_engine_config()
+        return
+    cfg = args.create_engine_config()
+    assert cfg.cache_config.enable_prefix_caching is (prefix_caching is not False)
+    assert server_config(cfg.model_config.hf_config).deep.kv_block_align == resolved
+
+
+def test_auto_alignment_resolves_per_architecture():
+    """'auto' is 'keep_more' only where the prompt holds the audio and prefix caching is on;
+    Whisper (cross-attention, no audio in the prompt) resolves it to 'off' and accepts it."""
+    from vllm_affinity.architectures import facts_for
+    from vllm_affinity.config import load_spec
+
+    cfg = load_spec({"input": {"keep_ratio": 0.5}, "deep": {"merge_layer": 1, "keep_ratio": 0.3}})
+    assert cfg.input.kv_block_align == cfg.deep.kv_block_align == "auto"
+    assert "aligned to the KV block where prefix caching is on (auto)" in cfg.describe()
+    on = cfg.with_block_align(prefix_caching=True, prompt_holds_audio=True)
+    assert (on.input.kv_block_align, on.deep.kv_block_align) == ("keep_more", "keep_more")
+    for pc, holds in [(False, True), (True, False)]:
+        off = cfg.with_block_align(prefix_caching=pc, prompt_holds_audio=holds)
+        assert (off.input.kv_block_align, off.deep.kv_block_align) == ("off", "off")
+    explicit = load_spec({"input": {"keep_ratio": 0.5, "kv_block_align": "keep_fewer"}})
+    assert explicit.with_block_align(prefix_caching=False, prompt_holds_audio=True) is explicit
+    whisper = load_spec({"input": {"keep_ratio": 0.5}})
+    assert facts_for("WhisperForConditionalGeneration").validate(whisper) is whisper
+    assert load_spec("off").with_block_align(prefix_caching=True, prompt_holds_audio=True) == load_spec("off")

@@ -325,14 +325,15 @@ def test_deep_size_weighted_kv_layout(sw_deep_run):
 
 
 # -- deep.kv_block_align: each span drops a multiple of the KV block (prefix caching stays on) ----
-ALIGNED = {"deep": {"merge_layer": 1, "keep_ratio": 0.3, "window": 3, "kv_block_align": "keep_more"}}
+# kv_block_align left out: 'auto', i.e. 'keep_more' under vLLM's default prefix caching
+ALIGNED = {"deep": {"merge_layer": 1, "keep_ratio": 0.3, "window": 3}}
 
 
 @pytest.fixture(scope="module")
 def aligned_run(tiny_model, clips, tmp_path_factory):
     job = {"model": str(tiny_model), "hf_overrides": {"affinity": ALIGNED}, "prompt": PROMPT,
            "max_tokens": MAX_NEW, "logprobs": 20, "requests": [{"audios": [str(c)]} for c in clips],
-           "engine_kw_extra": {"block_size": BLOCK}}
+           "engine_kw_extra": {"block_size": BLOCK, "enable_prefix_caching": True}}
     return job, run_engine_subprocess(job, tmp_path_factory.mktemp("aligned"))
 
 
@@ -342,7 +343,7 @@ def test_aligned_deep_stage_matches_reference_with_the_aligned_counts(aligned_ru
     from vllm_affinity.plan import deep_kept_count
 
     job, run = aligned_run
-    assert "prefix caching kept" in run["log"]
+    assert "prefix caching kept" in run["log"] and "deep.kv_block_align=keep_more (prefix caching on)" in run["log"]
     aligned_some = False
     for i, (req, res) in enumerate(zip(job["requests"], run["results"])):
         def pool(x, align="keep_more"):

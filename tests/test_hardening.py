@@ -24,9 +24,23 @@ from .conftest import CACHE, PROMPT, load_audio, run_engine_subprocess
 
 pytestmark = pytest.mark.server
 
-FAULT_SECONDS = 3.0  # 75 encoder tokens -> 56 after the input stage: the injected fault's span
-FAULT_SPAN = P.num_kept(75, SERVER_SPEC["input"]["keep_ratio"])
 BLOCK = 32
+# vLLM's default prefix caching stays on: kv_block_align 'auto' rounds each drop down to a multiple
+# of the block (input stage: per audio; deep stage: per span)
+
+
+def kept_in(n: int, ratio: float) -> int:
+    return P.block_aligned_count(n, P.num_kept(n, ratio), BLOCK, "keep_more")
+
+
+def kept_deep(k_in: int) -> int:
+    from vllm_affinity.plan import deep_kept_count
+
+    return deep_kept_count(k_in, SERVER_SPEC["deep"]["keep_ratio"], BLOCK, "keep_more")
+
+
+FAULT_SECONDS = 3.0  # 75 encoder tokens (a drop of 19 < one block: 75 after the input stage): the fault's span
+FAULT_SPAN = kept_in(75, SERVER_SPEC["input"]["keep_ratio"])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +62,8 @@ def server(tiny_model, tmp_path_factory, load_clips):
         tiny_model,
         ["--affinity", json.dumps(SERVER_SPEC), *CPU_ARGS, "--block-size", str(BLOCK), "--max-num-seqs", "16"],
         log_path=log, served_model_name="tiny",
-        env={"VLLM_AFFINITY_INJECT_FAULT": f"deep-merge:{FAULT_SPAN}"},
+        # dev mode: /reset_prefix_cache, so the load test's reference answers are computed uncached
+        env={"VLLM_AFFINITY_INJECT_FAULT": f"deep-merge:{FAULT_SPAN}", "VLLM_SERVER_DEV_MODE": "1"},
     ) as srv:
         yield srv
 
@@ -83,12 +98,18 @@ def _metrics(server) -> dict[str, float]:
 
 # -- load ------------------------------------------------------------------------------------
 def test_bounded_load_nothing_lost(server, load_clips):
+    """Prefix caching on (vLLM's default) with both stages: two-turn chats re-send audio the
+    other requests send, so the deep layers' blocks are hit under load; every answer equals the
+    same request answered alone on an emptied prefix cache."""
     reqs = build_requests(load_clips, 200, seed=1)
     assert sum(r.cancel for r in reqs) >= 10 and sum(r.stream for r in reqs) > 40
+    assert sum(r.history is not None for r in reqs) >= 20
     summary, _ = run_load(server.base_url, "tiny", reqs, concurrency=16, log_text=server.log)
     print(f"\nload test: sent {summary.sent}, answered {summary.answered}, cancelled {summary.cancelled}, "
           f"errors {summary.errors}, mismatches {summary.mismatches}, KV usage after "
-          f"{summary.kv_usage_after}, tracebacks {summary.tracebacks_in_log}, {summary.wall_s:.0f} s")
+          f"{summary.kv_usage_after}, prefix-cache hit tokens {summary.prefix_cache_hit_tokens}, "
+          f"tracebacks {summary.tracebacks_in_log}, {summary.wall_s:.0f} s")
+    assert summary.prefix_cache_hit_tokens > 0
     assert summary.errors == 0, summary.error_samples
     assert summary.answered + summary.cancelled == summary.sent
     assert summary.mismatches == 0
@@ -121,23 +142,49 @@ def test_injected_merge_error_fails_only_that_request(server, client, load_clips
     assert f"deep merge failed for request" in server.log()
     assert "failing request(s)" in server.log()
     assert ask(load_clips[4.0]) == "length"  # still serving
+    # the failed request's blocks left the prefix cache (its deep rows were never written): the
+    # same prompt again hits nothing (its text before the audio is under one block), and fails again
+    hits = lambda: _metrics(server).get("vllm:prefix_cache_hits_total", 0.0)  # noqa: E731
+    before = hits()
+    assert ask(fault_clip) == 500
+    assert hits() - before == 0
 
 
 def test_preemption_under_tiny_kv_budget_same_answers(tiny_model, tmp_path, load_clips, server, client):
     # 30 s + 10 s (593 + 223 prompt tokens) are admitted together (36 of 41 blocks) and
     # need 42 after 40 new tokens (593 + 40 stays within max_model_len 640)
+    """Then turn 2 of both chats (re-sending the audio) on the same tight budget: what turn 1
+    left in the prefix cache is hit or evicted while the two compete again; the answers equal
+    the main server's, computed on its emptied prefix cache."""
+    from benchmarks.load_test import CHAT_ANSWER, FOLLOW_UP, reset_prefix_cache
+
     contents = [[_part(load_clips[s]), {"type": "text", "text": "Transcribe it."}] for s in (30.0, 10.0)]
-    want = [_chat(client, c, max_tokens=40).choices[0].message.content for c in contents]
+    chats = [[{"role": "user", "content": c}, {"role": "assistant", "content": CHAT_ANSWER},
+              {"role": "user", "content": FOLLOW_UP}] for c in contents]
+
+    def ask(c, messages):
+        return c.chat.completions.create(model="tiny", messages=messages, max_tokens=40,
+                                         temperature=0).choices[0].message.content
+
+    want = []
+    for m in [[{"role": "user", "content": c}] for c in contents] + chats:
+        reset_prefix_cache(server.base_url)
+        want.append(ask(client, m))
     page = 2 * 2 * 2 * 32 * BLOCK * 4  # (k, v) x kv_heads x layers per group x head_dim x block x fp32
     args = ["--affinity", json.dumps(SERVER_SPEC), "--dtype", "float32", "--enforce-eager",
-            "--max-model-len", "640", "--block-size", str(BLOCK), "--kv-cache-memory-bytes", str(41 * page)]
+            "--max-model-len", "704", "--block-size", str(BLOCK), "--kv-cache-memory-bytes", str(41 * page)]
     with ServerProcess(tiny_model, args, log_path=tmp_path / "tight.log", served_model_name="tiny") as tight:
         tc = openai.OpenAI(base_url=tight.base_url, api_key="none", max_retries=0, timeout=300)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(2) as pool:
-            got = list(pool.map(lambda c: _chat(tc, c, max_tokens=40).choices[0].message.content, contents))
-        preempted = _metrics(tight).get("vllm:num_preemptions_total", 0.0)
+            got = list(pool.map(lambda c: ask(tc, [{"role": "user", "content": c}]), contents))
+            preempted = _metrics(tight).get("vllm:num_preemptions_total", 0.0)
+            got += list(pool.map(lambda m: ask(tc, m), chats))
+        m = _metrics(tight)
+        assert "Traceback" not in tight.log()
+    print(f"\ntight budget: preemptions turn 1 {preempted}, both turns {m.get('vllm:num_preemptions_total')}, "
+          f"prefix-cache hit tokens {m.get('vllm:prefix_cache_hits_total')}")
     assert preempted > 0, "the KV budget did not force a preemption"
     assert got == want
 
@@ -200,8 +247,8 @@ def test_metrics_count_exactly(server, client, load_clips, reference):
         extra = {"mm_processor_kwargs": {"affinity_keep_ratio": ratio}} if ratio else None
         r = _chat(client, [_part(load_clips[s]), {"type": "text", "text": "hi"}], max_tokens=2, extra_body=extra)
         n = reference.audio_embeddings([load_audio(load_clips[s])])[0].shape[0]
-        k_in = P.num_kept(n, ratio or SERVER_SPEC["input"]["keep_ratio"])
-        k_deep = P.num_kept(k_in, SERVER_SPEC["deep"]["keep_ratio"])
+        k_in = kept_in(n, ratio or SERVER_SPEC["input"]["keep_ratio"])
+        k_deep = kept_deep(k_in)
         t = r.usage.prompt_tokens
         # 4 layers, merge after layer 1: one KV group of 2 layers below, one above (the
         # accounting module's layout is checked against engine blocks in test_deep / test_adapters)

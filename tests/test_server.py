@@ -22,12 +22,21 @@ PRESET_RATIO = 0.7432  # paper-aggressive: input stage
 PRESET_DEEP = dict(deep_merge_layer=1, deep_keep_ratio=0.2006, deep_window=3,  # -3 of 4 layers
                    encoder_real_length=True)
 QUESTION = "What does the speaker say?"
+# vLLM's default prefix caching stays on, so kv_block_align 'auto' rounds each audio's drop (input
+# stage) and each span's drop (deep stage) down to a multiple of the KV block; 32-token blocks (the
+# CPU default is 128) so that these short clips still drop some
+BLOCK = 32
+
+
+def kept_in(n: int, ratio: float) -> int:
+    return P.block_aligned_count(n, P.num_kept(n, ratio), BLOCK, "keep_more")
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(tiny_model, ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS],
+    with ServerProcess(tiny_model, ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS,
+                                    "--block-size", str(BLOCK)],
                        log_path=log, served_model_name="tiny",
                        env={"VLLM_LOGGING_LEVEL": "DEBUG"}) as srv:
         yield srv
@@ -88,9 +97,9 @@ def test_content_types_formats_and_rates_show_the_reduction(client, clips, media
     n = _n_audio(reference, path)
     pooled = _chat(client, part)
     full = _chat(client, part, mm_processor_kwargs={"affinity_keep_ratio": 1.0})
-    assert full.usage.prompt_tokens - pooled.usage.prompt_tokens == n - P.num_kept(n, PRESET_RATIO) > 0
+    assert full.usage.prompt_tokens - pooled.usage.prompt_tokens == n - kept_in(n, PRESET_RATIO) > 0
     half = _chat(client, part, mm_processor_kwargs={"affinity_keep_ratio": 0.5})
-    assert full.usage.prompt_tokens - half.usage.prompt_tokens == n - P.num_kept(n, 0.5)
+    assert full.usage.prompt_tokens - half.usage.prompt_tokens == n - kept_in(n, 0.5)
 
 
 def test_served_answer_matches_reference(client, media, reference):
@@ -103,8 +112,14 @@ def test_served_answer_matches_reference(client, media, reference):
         [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": QUESTION}]}],
         add_generation_prompt=True, tokenize=False,
     )
-    ref = reference.generate(prompt, [load_audio(path)], max_new_tokens=12, keep_ratio=PRESET_RATIO,
-                             **PRESET_DEEP)
+    from vllm_affinity.plan import deep_kept_count
+
+    ref = reference.generate(  # the served counts: both stages block-aligned ('auto' under prefix caching)
+        prompt, [load_audio(path)], max_new_tokens=12, keep_ratio=PRESET_RATIO,
+        pool_fn=lambda x: P.merge(x, P.group_sizes(x, kept_in(x.shape[0], PRESET_RATIO), "affinity", 1)),
+        deep_pool_fn=lambda x: P.group_sizes(x, deep_kept_count(x.shape[0], PRESET_DEEP["deep_keep_ratio"], BLOCK,
+                                                                "keep_more"), "affinity", 3),
+        **PRESET_DEEP)
     assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
     served = [int(t.token.removeprefix("token_id:")) for t in r.choices[0].logprobs.content]
     assert served == ref.token_ids[: len(served)]
@@ -133,8 +148,10 @@ def test_log_says_what_the_plugin_did(server, client, clips):
     assert "vllm-affinity: Qwen2-Audio with Affinity Pooling, input stage: keep_ratio=0.7432" in log
     assert "deep stage: merge_layer=-3, keep_ratio=0.2006, window=3" in log
     assert "vllm-affinity: deep stage merges after decoder layer 1 of 4" in log
-    assert "vllm-affinity: prefix caching disabled" in log
-    assert "vllm-affinity: audio tokens [50] -> [38] (keep_ratio=0.7432)" in log
+    assert "kv_block_align auto -> input.kv_block_align=keep_more, deep.kv_block_align=keep_more " \
+           "(prefix caching on)" in log
+    assert "vllm-affinity: prefix caching kept" in log
+    assert "vllm-affinity: audio tokens [50] -> [50] (keep_ratio=0.7432)" in log  # a drop of 12 < one block
     assert "Traceback" not in log
 
 

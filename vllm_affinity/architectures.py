@@ -72,7 +72,7 @@ class ArchFacts:
                 f"implemented for {self.name} (only where the merged rows are read by an attention "
                 "the plugin owns: Whisper's cross-attention). Remove it, or set it to false"
             )
-        if cfg.input is not None and cfg.input.kv_block_align != "off" and not self.deep_stage:
+        if cfg.input is not None and cfg.input.kv_block_align not in ("off", "auto") and not self.deep_stage:
             raise AffinityConfigError(
                 f"invalid vllm-affinity config: hf_overrides.{HF_CONFIG_KEY}.input.kv_block_align is for "
                 f"decoder-only speech LMs, whose prompt holds the audio and is prefix-cached; {self.name}'s "

@@ -96,6 +96,9 @@ SEAMS: tuple[Seam, ...] = (
     _deep("vllm.v1.core.block_pool:BlockPool.cache_full_blocks",
           ("request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size", "kv_cache_group_id")),
     _deep("vllm.v1.core.block_pool:BlockPool.get_cached_block", ("block_hash", "kv_cache_group_ids")),
+    _deep("vllm.v1.core.block_pool:BlockPool.evict_blocks", ("block_ids",),
+          "drops a failed merge's blocks from the prefix cache"),
+    _deep("vllm.v1.core.kv_cache_manager:KVCacheManager.get_block_ids", ("request_id",)),
     # register() registers the deep KV spec in every process, whatever the SPEC
     Seam("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered", ()),
     Seam("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register"),

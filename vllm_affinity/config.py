@@ -58,12 +58,14 @@ class InputStage(_Strict):
     silence_groups: int = Field(8, ge=0, le=4096, description="budget 'voiced': groups for the unvoiced tokens")
     voiced_db: float = Field(40.0, gt=0.0, le=120.0, description="budget 'voiced': a token is voiced "
                              "if its RMS is within this many dB of the audio's loudest token")
-    kv_block_align: Literal["off", "keep_more", "keep_fewer"] = Field(
-        "off", description="round each audio's dropped-token count to a multiple of the KV block "
+    kv_block_align: Literal["auto", "off", "keep_more", "keep_fewer"] = Field(
+        "auto", description="round each audio's dropped-token count to a multiple of the KV block "
         "size, so the next turn of a chat (which repeats this prompt) recomputes the same uncached "
         "tail as stock: vLLM's prefix cache hits whole blocks. 'keep_more' rounds the drop down "
         "(at most block_size - 1 more tokens than keep_ratio gives, the same KV blocks saved), "
-        "'keep_fewer' rounds it up (at most block_size - 1 fewer). Decoder-only models only"
+        "'keep_fewer' rounds it up (at most block_size - 1 fewer). 'auto' (default): 'keep_more' "
+        "where vLLM's prefix caching is on (its default) on a decoder-only model, else 'off'. "
+        "Explicit values: decoder-only models only"
     )
     size_weighted: bool = Field(
         False, description="attention that reads the merged rows weighs each by its group size: "
@@ -111,13 +113,15 @@ class DeepStage(_Strict):
         "KV pages to the largest)"
     )
 
-    kv_block_align: Literal["off", "keep_more", "keep_fewer"] = Field(
-        "off", description="round each audio span's rows dropped at the deep merge to a multiple of "
+    kv_block_align: Literal["auto", "off", "keep_more", "keep_fewer"] = Field(
+        "auto", description="round each audio span's rows dropped at the deep merge to a multiple of "
         "the KV block size, so that past every span the deep layers' sequence and the prompt are "
         "congruent modulo the block size: a token-block boundary is then a deep-block boundary, and "
-        "vLLM's prefix cache stays on (a chat's next turn hits the deep layers' blocks too). "
+        "vLLM's prefix cache works (a chat's next turn hits the deep layers' blocks too). "
         "'keep_more' rounds the drop down (at most block_size - 1 more rows), 'keep_fewer' up. "
-        "'off': prefix caching is turned off for a server with a deep stage"
+        "'auto' (default): 'keep_more' where vLLM's prefix caching is on (its default), 'off' where "
+        "it is off. 'off' needs prefix caching off (--no-enable-prefix-caching): start-up refuses it "
+        "otherwise"
     )
 
     _finite = field_validator("keep_ratio", mode="before")(InputStage._finite_number.__func__)
@@ -206,6 +210,22 @@ class AffinityConfig(_Strict):
             )
         return self
 
+    def with_block_align(self, *, prefix_caching: bool, prompt_holds_audio: bool) -> "AffinityConfig":
+        """This config with ``kv_block_align: auto`` resolved for an engine (the config hook
+        calls it once; every process then reads the resolved SPEC): 'keep_more' where vLLM's
+        prefix caching is on and the prompt holds the audio (decoder-only models), else 'off'.
+
+        Why 'keep_more' by default: without it a chat's next turn recomputes up to a block
+        more than stock per audio (input stage), or all of the deep layers past the first
+        audio (deep stage); measured in docs/results.md (issue 21)."""
+        update = {}
+        for name in ("input", "deep"):
+            stage = getattr(self, name)
+            if stage is not None and stage.kv_block_align == "auto":
+                align = "keep_more" if prefix_caching and prompt_holds_audio else "off"
+                update[name] = stage.model_copy(update={"kv_block_align": align})
+        return self.model_copy(update=update) if update else self
+
     @property
     def enabled(self) -> bool:
         return self.input is not None or self.deep is not None or self.encoder is not None
@@ -242,7 +262,7 @@ class AffinityConfig(_Strict):
             + (f", budget voiced (+{s.silence_groups} silence groups, {s.voiced_db:g} dB)"
                if s.budget == "voiced" else "")
             + (", size-weighted attention" if s.size_weighted else "")
-            + (f", dropped tokens aligned to the KV block ({s.kv_block_align})" if s.kv_block_align != "off" else "")
+            + (_ALIGN_NOTE[s.kv_block_align].format(what="tokens", align=s.kv_block_align))
         )
         if self.encoder_real_length and real_length:
             parts.append("encoder on the real audio length")
@@ -256,10 +276,18 @@ class AffinityConfig(_Strict):
             "deep stage off" if d is None
             else f"deep stage: merge_layer={d.merge_layer}, keep_ratio={d.keep_ratio}, "
             f"window={d.window}, method={d.method}" + (", size-weighted attention" if d.size_weighted else "")
-            + (f", dropped rows aligned to the KV block ({d.kv_block_align}; prefix caching on)"
-               if d.kv_block_align != "off" else "")
+            + (_ALIGN_NOTE[d.kv_block_align].format(what="rows", align=d.kv_block_align))
         )
         return "; ".join(parts)
+
+
+#: how :meth:`AffinityConfig.describe` states a stage's ``kv_block_align``
+_ALIGN_NOTE = {
+    "off": "",
+    "auto": ", dropped {what} aligned to the KV block where prefix caching is on ({align})",
+    "keep_more": ", dropped {what} aligned to the KV block ({align})",
+    "keep_fewer": ", dropped {what} aligned to the KV block ({align})",
+}
 
 
 def presets_dir() -> Path:

@@ -785,7 +785,10 @@ def main(argv: list[str] | None = None) -> int:
 
     seconds = sum(sf.info(str(c)).duration for c in clips)
     dtype, why = (a.dtype, "--dtype") if a.dtype else default_dtype()
-    engine = {"dtype": dtype, "enforce_eager": True, "max_logprobs": 1,
+    # prefix caching off: the points are measured at their exact keep ratios (kv_block_align 'auto'
+    # resolves to 'off'); a server with prefix caching on keeps up to block_size - 1 more rows per
+    # audio and stage ('keep_more'), never fewer, so what is measured here is the lower bound
+    engine = {"dtype": dtype, "enforce_eager": True, "max_logprobs": 1, "enable_prefix_caching": False,
               "kv_cache_memory_bytes": int(a.kv_cache_gib * (1 << 30)), "limit_mm_per_prompt": {"audio": 1}}
     if a.max_model_len:
         engine["max_model_len"] = a.max_model_len

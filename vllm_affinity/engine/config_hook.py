@@ -6,8 +6,9 @@ arguments, before any engine process starts. Registering our architecture there 
 the config-time extension point (the same map vLLM's own models use).
 
 With a deep stage it sets, each with a log line:
-* prefix caching off unless ``deep.kv_block_align`` is set (then the deep KV manager caches
-  the compacted blocks, engine/kv.py);
+* ``kv_block_align: auto`` resolved (both stages): 'keep_more' where prefix caching is on, so
+  the deep KV manager caches the compacted blocks (engine/kv.py); it never turns prefix
+  caching off: an explicit ``deep.kv_block_align: off`` with prefix caching on is refused;
 * ``disable_chunked_mm_input``: an audio span is merged whole, never across chunks;
   ``max_num_batched_tokens`` is raised to fit the longest audio's placeholders;
 * eager mode: the merge has data-dependent shapes inside the decoder stack;
@@ -37,10 +38,22 @@ class AffinityConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         from ..architectures import facts_of_model_config
-        from ..config import server_config
+        from ..config import HF_CONFIG_KEY, server_config
 
         facts = facts_of_model_config(vllm_config.model_config)
-        cfg = facts.validate(server_config(vllm_config.model_config.hf_config))
+        hf_config = vllm_config.model_config.hf_config
+        cache = vllm_config.cache_config
+        given = facts.validate(server_config(hf_config))
+        cfg = given.with_block_align(prefix_caching=bool(cache.enable_prefix_caching),
+                                     prompt_holds_audio=facts.deep_stage)
+        if cfg is not given:
+            # every process (API server's processor, scheduler, workers) reads the SPEC from this
+            # HF config, which travels with the VllmConfig: resolve 'auto' once, here
+            setattr(hf_config, HF_CONFIG_KEY, cfg.model_dump(mode="json"))
+            logger.info("vllm-affinity: kv_block_align auto -> %s (prefix caching %s)",
+                        ", ".join(f"{n}.kv_block_align={getattr(cfg, n).kv_block_align}"
+                                  for n in ("input", "deep") if getattr(cfg, n) is not None),
+                        "on" if cache.enable_prefix_caching else "off")
         # The multimodal processor (which counts KV blocks saved for /metrics) sees only
         # the model config; give it the cache config, whose block size the platform
         # finalizes later in this same config build.
@@ -48,21 +61,23 @@ class AffinityConfigHook(VerifyAndUpdateConfig):
         if cfg.deep is None:
             return
         from .. import compat
+        from ..config import AffinityConfigError
 
         compat.check_deep_stage()  # vLLM 0.34 has no V1 model runner: refused here, saying why
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         layer = cfg.deep.resolve_layer(num_layers)
         logger.info("vllm-affinity: deep stage merges after decoder layer %d of %d", layer, num_layers)
 
-        cache = vllm_config.cache_config
         if cache.enable_prefix_caching and cfg.deep.kv_block_align == "off":
-            # measured reason (issue 21): without the alignment a deep block boundary is a token
-            # block boundary only before the first audio, so a hit could never cover the audio
-            cache.enable_prefix_caching = False
-            logger.info("vllm-affinity: prefix caching disabled (deep stage without kv_block_align: "
-                        "past an audio span a prompt block boundary is not a deep-layer block boundary; "
-                        "set deep.kv_block_align to 'keep_more' to keep it)")
-        elif cache.enable_prefix_caching:
+            # without the alignment a deep block boundary is a token block boundary only before
+            # the first audio, so a cached deep block could be read at the wrong rows: refuse,
+            # and leave the choice of vLLM's prefix caching to the user
+            raise AffinityConfigError(
+                f"invalid vllm-affinity config: hf_overrides.{HF_CONFIG_KEY}.deep.kv_block_align='off' "
+                "needs vLLM's prefix caching off (past an audio span a prompt block boundary is not a "
+                "deep-layer block boundary): add --no-enable-prefix-caching (enable_prefix_caching=False), "
+                "or drop the field ('auto' aligns the rows dropped to the KV block and keeps prefix caching)")
+        if cache.enable_prefix_caching:
             logger.info("vllm-affinity: prefix caching kept: the deep layers' blocks are cached by the token "
                         "prefix that determines them (deep.kv_block_align=%s)", cfg.deep.kv_block_align)
         sched = vllm_config.scheduler_config

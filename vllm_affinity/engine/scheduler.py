@@ -56,6 +56,10 @@ class AffinityScheduler(Scheduler):
         if failed:
             live = [r for r in failed if r in self.requests]
             logger.error("vllm-affinity: failing request(s) %s after a deep-merge error", live)
+            # vLLM caches a step's full blocks when it schedules them, before they are computed;
+            # a failed merge left the deep layers' rows unwritten: no later prompt may hit them
+            pool = self.kv_cache_manager.block_pool
+            pool.evict_blocks({b for r in live for group in self.kv_cache_manager.get_block_ids(r) for b in group})
             compat.fail_requests(self, live, "vllm-affinity: deep merge failed for this request "
                                              "(the server log has the cause); other requests are unaffected")
         return super().update_from_output(scheduler_output, model_runner_output)
