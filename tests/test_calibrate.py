@@ -306,8 +306,13 @@ def test_calibrate_chat_model_walks_resumes_and_its_yaml_serves(tiny_model, audi
 
     combined = _cached(out, rec["spec"], None)
     clip = sorted(audio_dir.iterdir())[0]
+    # as the YAML's header says: prefix caching off serves exactly the measured counts (on, the
+    # default, 'auto' aligns them to the KV block)
+    assert "add --no-enable-prefix-caching to serve exactly what was measured" in \
+        (out / "recommended.yaml").read_text()
     args = ["--affinity", str(out / "recommended.yaml"), "--dtype", "float32", "--enforce-eager",
-            "--max-model-len", str(ENGINE_KW["max_model_len"]), "--kv-cache-memory-bytes", str(256 << 20)]
+            "--max-model-len", str(ENGINE_KW["max_model_len"]), "--kv-cache-memory-bytes", str(256 << 20),
+            "--no-enable-prefix-caching"]
     with ServerProcess(tiny_model, args, log_path=tmp_path / "serve.log", served_model_name="tiny") as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=120)
         wav = C._wav_data_url(str(clip))

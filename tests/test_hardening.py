@@ -142,48 +142,60 @@ def test_injected_merge_error_fails_only_that_request(server, client, load_clips
     assert f"deep merge failed for request" in server.log()
     assert "failing request(s)" in server.log()
     assert ask(load_clips[4.0]) == "length"  # still serving
-    # the failed request's blocks left the prefix cache (its deep rows were never written): the
-    # same prompt again hits nothing (its text before the audio is under one block), and fails again
+    # the failed request's blocks leave the prefix cache (its deep rows were never written): with
+    # text after the audio that fills the audio's last block (else nothing past it could be hit
+    # anyway), the same prompt again hits nothing and fails again; were its blocks cached, it would
+    # hit past the audio, skip the merge and answer from unwritten deep rows
+    def ask_long():
+        try:
+            return _chat(client, [_part(fault_clip), {"type": "text", "text": "Say it again. " * 12}]
+                         ).choices[0].finish_reason
+        except openai.APIStatusError as e:
+            return e.status_code
+
     hits = lambda: _metrics(server).get("vllm:prefix_cache_hits_total", 0.0)  # noqa: E731
+    assert ask_long() == 500
     before = hits()
-    assert ask(fault_clip) == 500
+    assert ask_long() == 500
     assert hits() - before == 0
 
 
 def test_preemption_under_tiny_kv_budget_same_answers(tiny_model, tmp_path, load_clips, server, client):
-    # 30 s + 10 s (593 + 223 prompt tokens) are admitted together (36 of 41 blocks) and
-    # need 42 after 40 new tokens (593 + 40 stays within max_model_len 640)
-    """Then turn 2 of both chats (re-sending the audio) on the same tight budget: what turn 1
-    left in the prefix cache is hit or evicted while the two compete again; the answers equal
-    the main server's, computed on its emptied prefix cache."""
+    """Turn 1: 30 s + 10 s (596 + 224 prompt tokens) are admitted together (36 of 41 blocks) and
+    need 42 after 40 new tokens (596 + 40 stays within max_model_len 640): a preemption. Then,
+    on the same budget, turn 2 of the 10 s chat (re-sending its audio: a hit on what turn 1 left
+    cached) competes with a new 27 s request (which evicts it). Every answer equals the main
+    server's, computed on its emptied prefix cache."""
     from benchmarks.load_test import CHAT_ANSWER, FOLLOW_UP, reset_prefix_cache
 
-    contents = [[_part(load_clips[s]), {"type": "text", "text": "Transcribe it."}] for s in (30.0, 10.0)]
-    chats = [[{"role": "user", "content": c}, {"role": "assistant", "content": CHAT_ANSWER},
-              {"role": "user", "content": FOLLOW_UP}] for c in contents]
+    turn1 = [[{"role": "user", "content": [_part(load_clips[s]), {"type": "text", "text": "Transcribe it."}]}]
+             for s in (30.0, 10.0)]
+    # (turn 2 of the 30 s chat would exceed max_model_len)
+    then = [turn1[1] + [{"role": "assistant", "content": CHAT_ANSWER}, {"role": "user", "content": FOLLOW_UP}],
+            [{"role": "user", "content": [_part(load_clips[27.0]), {"type": "text", "text": "Transcribe it."}]}]]
 
     def ask(c, messages):
         return c.chat.completions.create(model="tiny", messages=messages, max_tokens=40,
                                          temperature=0).choices[0].message.content
 
     want = []
-    for m in [[{"role": "user", "content": c}] for c in contents] + chats:
+    for m in turn1 + then:
         reset_prefix_cache(server.base_url)
         want.append(ask(client, m))
     page = 2 * 2 * 2 * 32 * BLOCK * 4  # (k, v) x kv_heads x layers per group x head_dim x block x fp32
     args = ["--affinity", json.dumps(SERVER_SPEC), "--dtype", "float32", "--enforce-eager",
-            "--max-model-len", "704", "--block-size", str(BLOCK), "--kv-cache-memory-bytes", str(41 * page)]
+            "--max-model-len", "640", "--block-size", str(BLOCK), "--kv-cache-memory-bytes", str(41 * page)]
     with ServerProcess(tiny_model, args, log_path=tmp_path / "tight.log", served_model_name="tiny") as tight:
         tc = openai.OpenAI(base_url=tight.base_url, api_key="none", max_retries=0, timeout=300)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(2) as pool:
-            got = list(pool.map(lambda c: ask(tc, [{"role": "user", "content": c}]), contents))
+            got = list(pool.map(lambda m: ask(tc, m), turn1))
             preempted = _metrics(tight).get("vllm:num_preemptions_total", 0.0)
-            got += list(pool.map(lambda m: ask(tc, m), chats))
+            got += list(pool.map(lambda m: ask(tc, m), then))
         m = _metrics(tight)
         assert "Traceback" not in tight.log()
-    print(f"\ntight budget: preemptions turn 1 {preempted}, both turns {m.get('vllm:num_preemptions_total')}, "
+    print(f"\ntight budget: preemptions turn 1 {preempted}, in all {m.get('vllm:num_preemptions_total')}, "
           f"prefix-cache hit tokens {m.get('vllm:prefix_cache_hits_total')}")
     assert preempted > 0, "the KV budget did not force a preemption"
     assert got == want

@@ -50,10 +50,15 @@ def client(server):
 @pytest.fixture(scope="module")
 def media():
     d = CACHE / "server-media"
+    # about 20 words (6-8 s, 150-200 audio tokens): each drops at least one 32-token block at 0.7432
     return {
-        "mp3_44k": speech.say("Send me the report before noon on Friday.", d / "a44k.mp3", sample_rate=44100),
-        "flac_48k": speech.say("The meeting moved to room twelve.", d / "b48k.flac", sample_rate=48000),
-        "wav_8k": speech.say("Call me back tomorrow.", d / "c8k.wav", sample_rate=8000),
+        "mp3_44k": speech.say("Send me the report before noon on Friday, and copy the whole team on the reply "
+                              "so that everyone knows the plan.", d / "a44k-long.mp3", sample_rate=44100),
+        "flac_48k": speech.say("The meeting moved to room twelve on the third floor, right after lunch, because "
+                               "the projector in the old room is broken again.", d / "b48k-long.flac",
+                               sample_rate=48000),
+        "wav_8k": speech.say("Call me back tomorrow morning about the contract, the price, and the delivery "
+                             "date for the new machines we ordered.", d / "c8k-long.wav", sample_rate=8000),
     }
 
 

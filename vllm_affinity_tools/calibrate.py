@@ -664,7 +664,10 @@ def write_report(out: Path, model: str, facts, points: list[Point], results: dic
                   + (f", ΔWER {r['dwer'] * 100:+.1f} pts" if "dwer" in r else ""),
                   f"rests on {info['answers']} answers ({info['audio_seconds'] / 60:.1f} min of audio); target: {target}",
                   *(f"WARNING: {w}" for w in warns),
-                  f"serve: vllm-affinity serve {model} --affinity {out / 'recommended.yaml'}"]
+                  f"serve: vllm-affinity serve {model} --affinity {out / 'recommended.yaml'}",
+                  "measured at the exact keep ratios (prefix caching off): under vLLM's default prefix caching "
+                  "kv_block_align 'auto' keeps up to block_size - 1 more tokens per audio and stage; "
+                  "add --no-enable-prefix-caching to serve exactly what was measured"]
         (out / "recommended.yaml").write_text("".join(f"# {h}\n" for h in header) + yaml.safe_dump(rec.spec(), sort_keys=False))
     plot(out / "calibration.png", points, results, rec, target, f"{facts.name}: {info['answers']} answers")
 
