@@ -40,6 +40,15 @@ CPU_ARGS = [
 ]
 
 
+def _metric(base_url: str, name: str) -> float:
+    """A counter of the server's /metrics (0 if absent)."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.rsplit("/v1", 1)[0] + "/metrics", timeout=10) as r:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                   if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
 def ensure_tiny_model(path: Path = TINY_DIR) -> Path:
     if not (path / "config.json").exists():
         from .tiny import build
@@ -105,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         full = ask({"mm_processor_kwargs": {"affinity_keep_ratio": 1.0}})  # stock count
+        deep_before = _metric(srv.base_url, "vllm_affinity:audio_tokens_after_deep_total")
         pooled = ask(None)  # the server's SPEC
+        # the rows the server kept above the merge (its counter: kv_block_align included)
+        k_deep = _metric(srv.base_url, "vllm_affinity:audio_tokens_after_deep_total") - deep_before
     text_tokens = full.usage.prompt_tokens - n_audio
     kept = pooled.usage.prompt_tokens - text_tokens
     from vllm_affinity.config import load_spec
-    from vllm_affinity.pooling import num_kept
 
     deep = load_spec(json.loads(a.affinity) if a.affinity.lstrip().startswith("{") else a.affinity).deep
     print()
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({100 * (n_audio - kept) / max(n_audio, 1):.1f}%)")
     print(f"prompt tokens (usage.prompt_tokens): {full.usage.prompt_tokens} -> {pooled.usage.prompt_tokens}")
     if deep is not None and kept:
-        k_deep = num_kept(kept, deep.keep_ratio)
+        k_deep = int(k_deep)
         t = pooled.usage.prompt_tokens
         n_layers = json.loads((Path(model) / "config.json").read_text())["text_config"]["num_hidden_layers"]
         layer = deep.resolve_layer(n_layers)
