@@ -40,7 +40,6 @@ import statistics
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +64,9 @@ def build_sessions(n: int, two_turn: float, seed: int) -> list[dict]:
 
 
 def _metric(base: str, name: str) -> float:
-    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-        total = 0.0
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+    from vllm_affinity_tools.serving import metric
+
+    return metric(base, name) or 0.0
 
 
 def run_variant(variant: str, spec, model: Path, payloads: dict, sessions: list[dict], a, dtype: str) -> dict:

@@ -134,10 +134,10 @@ def _one(client, model: str, req: LoadRequest, retries: int = 1) -> LoadResult:
     chats re-sending audio. Any other error, or a 500 that persists, counts as an error."""
     for attempt in range(retries + 1):
         res = _attempt(client, model, req)
-        if res.status != "error" or not res.error.startswith("InternalServerError") or attempt == retries:
-            res.retries = attempt
-            return res
-    raise AssertionError("unreachable")
+        res.retries = attempt
+        if res.status != "error" or not res.error.startswith("InternalServerError"):
+            break
+    return res
 
 
 def _attempt(client, model: str, req: LoadRequest) -> LoadResult:
@@ -162,19 +162,10 @@ def _attempt(client, model: str, req: LoadRequest) -> LoadResult:
                           seconds=time.monotonic() - t0)
 
 
-def _metric(base_url: str, name: str) -> float | None:
-    """A vLLM metric summed over its label sets (None: not exported)."""
-    root = base_url.rsplit("/v1", 1)[0]
-    total = None
-    with urllib.request.urlopen(root + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def kv_usage(base_url: str) -> float | None:
-    return _metric(base_url, "vllm:kv_cache_usage_perc")
+    from vllm_affinity_tools.serving import metric
+
+    return metric(base_url, "vllm:kv_cache_usage_perc")
 
 
 def reset_prefix_cache(base_url: str, timeout_s: float = 30.0) -> None:
@@ -205,12 +196,14 @@ def run_load(base_url: str, model: str, reqs: list[LoadRequest], concurrency: in
             local.c = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
         return local.c
 
-    hits_before = _metric(base_url, "vllm:prefix_cache_hits_total")
+    from vllm_affinity_tools.serving import metric
+
+    hits_before = metric(base_url, "vllm:prefix_cache_hits_total")
     t0 = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda r: _one(client(), model, r), reqs))
     summary = Summary(sent=len(reqs), wall_s=time.monotonic() - t0)
-    hits_after = _metric(base_url, "vllm:prefix_cache_hits_total")
+    hits_after = metric(base_url, "vllm:prefix_cache_hits_total")
     if hits_before is not None and hits_after is not None:
         summary.prefix_cache_hit_tokens = hits_after - hits_before
     alone: dict[str, str] = {}

@@ -40,15 +40,6 @@ CPU_ARGS = [
 ]
 
 
-def _metric(base_url: str, name: str) -> float:
-    """A counter of the server's /metrics (0 if absent)."""
-    import urllib.request
-
-    with urllib.request.urlopen(base_url.rsplit("/v1", 1)[0] + "/metrics", timeout=10) as r:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                   if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 def ensure_tiny_model(path: Path = TINY_DIR) -> Path:
     if not (path / "config.json").exists():
         from .tiny import build
@@ -85,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     import openai
 
     from . import speech
-    from .serving import ServerProcess
+    from .serving import ServerProcess, metric
 
     model = a.model or ensure_tiny_model()
     audio = a.audio or speech.utterance(a.seconds, CACHE / "demo" / f"speech-{a.seconds:g}s.wav")
@@ -114,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         full = ask({"mm_processor_kwargs": {"affinity_keep_ratio": 1.0}})  # stock count
-        deep_before = _metric(srv.base_url, "vllm_affinity:audio_tokens_after_deep_total")
+        deep_before = metric(srv.base_url, "vllm_affinity:audio_tokens_after_deep_total") or 0.0
         pooled = ask(None)  # the server's SPEC
         # the rows the server kept above the merge (its counter: kv_block_align included)
-        k_deep = _metric(srv.base_url, "vllm_affinity:audio_tokens_after_deep_total") - deep_before
+        k_deep = (metric(srv.base_url, "vllm_affinity:audio_tokens_after_deep_total") or 0.0) - deep_before
     text_tokens = full.usage.prompt_tokens - n_audio
     kept = pooled.usage.prompt_tokens - text_tokens
     from vllm_affinity.config import load_spec

@@ -16,6 +16,17 @@ import urllib.request
 from pathlib import Path
 
 
+def metric(url: str, name: str) -> float | None:
+    """A metric of a server's ``/metrics`` summed over its label sets (None: not exported);
+    ``url`` is the server's root or its ``/v1`` base URL."""
+    total = None
+    with urllib.request.urlopen(url.rsplit("/v1", 1)[0] + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
