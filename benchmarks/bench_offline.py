@@ -67,6 +67,12 @@ SPECS = {
     "paper-aggressive-nopc": "paper-aggressive",
     "input-only-nopc": "input-only",
     "input+encoder-nopc": {"preset": "input-only", "encoder": ENCODER_STAGE},
+    # the same with 32-token KV blocks (harness.BLOCK_SIZE_32): the CPU's 128-token default leaves
+    # a short clip's aligned stages little to drop, and a chat's next turn no hit past the audio
+    "stock-bs32": None,
+    "paper-aggressive-bs32": "paper-aggressive",
+    "input-only-bs32": "input-only",
+    "input+encoder-bs32": {"preset": "input-only", "encoder": ENCODER_STAGE},
     # + the encoder stage at the setting the Whisper results support (ENCODER_STAGE)
     "paper-aggressive+encoder": {"preset": "paper-aggressive", "encoder": ENCODER_STAGE},
     # the stages that need no runner hook: input 0.7432 + the encoder stage, no deep stage

@@ -57,10 +57,15 @@ from benchmarks.common import CACHE, cpu_line, run_measured
 STOCK_VARIANTS = {
     "stock": {},
     "stock-eager-nopc": {"enforce_eager": True, "enable_prefix_caching": False},
+    # stock with 32-token KV blocks (vLLM's CPU default is 128, its GPU default 16): an extra row
+    # showing what the block size alone does to stock
+    "stock-bs32": {"block_size": 32},
 }
 #: a plugin variant named ``<spec>-nopc`` runs with ``enable_prefix_caching=False`` (what a user
 #: serving single turns may choose: kv_block_align 'auto' then keeps the exact keep_ratio)
 NO_PREFIX_CACHING = "-nopc"
+#: a plugin variant named ``<spec>-bs32`` runs with 32-token KV blocks (``--block-size 32``)
+BLOCK_SIZE_32 = "-bs32"
 #: what a chat client re-sends as turn 1's answer, and the follow-up question
 ANSWER = "The speaker reads a short passage about the weather."
 FOLLOW_UP = "Summarize it in one sentence."
@@ -202,6 +207,8 @@ def variant_engine(bench: Bench, variant: str) -> tuple[dict, bool]:
         return {**bench.machine_needs, **STOCK_VARIANTS[base]}, False
     if base.endswith(NO_PREFIX_CACHING):  # the plugin's SPEC with vLLM's prefix caching off
         return {**bench.machine_needs, "enable_prefix_caching": False}, True
+    if base.endswith(BLOCK_SIZE_32):
+        return {**bench.machine_needs, "block_size": 32}, True
     return dict(bench.machine_needs), True
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from vllm_affinity import pooling as P
 
+from vllm_affinity.engine.config_hook import ALIGNED_CPU_BLOCK_SIZE
+
 from .conftest import PROMPT, run_engine_subprocess
 
 FOLLOW_UP = ("The speaker reads a short passage.<|im_end|>\n<|im_start|>user\n"
@@ -23,10 +25,15 @@ RATIO = 0.74
 CLIPS = (3, 4)  # 19.5 s and 30 s: 487 and 750 audio tokens; at 0.74 they drop 126 and 195
 
 
-def _chat(tiny_model, clips, tmp_path, spec, *, env=None, extra_chats=(), replay: bool = False):
+def _chat(tiny_model, clips, tmp_path, spec, *, env=None, extra_chats=(), replay: bool = False,
+          block_size: int | None = None):
+    """``block_size`` None: the engine's choice (the plugin's config hook picks 32 on the CPU build
+    for an aligned stage; stock, 128); the runs compared with stock give stock the same size."""
     job = {"task": "chat", "model": str(tiny_model), "prompt": PROMPT, "follow_up": FOLLOW_UP,
            "max_tokens": 8, "chats": [{"audio": str(clips[i])} for i in CLIPS] + list(extra_chats),
            "engine_kw_extra": {"enable_prefix_caching": True}}  # vLLM's default (ENGINE_KW turns it off)
+    if block_size is not None:
+        job["engine_kw_extra"]["block_size"] = block_size
     if replay:  # turn 1 answers 160 tokens, which turn 2 holds: the audio's last block fills up
         job.update(replay_answer=True, max_tokens=160)
     if spec is not None:
@@ -36,7 +43,8 @@ def _chat(tiny_model, clips, tmp_path, spec, *, env=None, extra_chats=(), replay
 
 @pytest.fixture(scope="module")
 def stock_chat(tiny_model, clips, tmp_path_factory):
-    return _chat(tiny_model, clips, tmp_path_factory.mktemp("stock-chat"), None, env={"VLLM_PLUGINS": ""})
+    return _chat(tiny_model, clips, tmp_path_factory.mktemp("stock-chat"), None, env={"VLLM_PLUGINS": ""},
+                 block_size=ALIGNED_CPU_BLOCK_SIZE)
 
 
 def _uncached(chat: dict) -> int:
@@ -53,8 +61,10 @@ def test_aligned_follow_up_turn_recomputes_what_stock_does(align, stock_chat, ti
     run = _chat(tiny_model, clips, tmp_path, spec, extra_chats=[other])
     if align == "auto":
         assert "kv_block_align auto -> input.kv_block_align=keep_more (prefix caching on)" in run["log"]
+    # no --block-size given: the config hook's choice on the CPU build, the size stock ran at here
+    assert "vllm-affinity: KV block size 32 (the CPU build's default is 128)" in run["log"]
     bs = run["block_size"]
-    assert bs == stock_chat["block_size"]
+    assert bs == stock_chat["block_size"] == ALIGNED_CPU_BLOCK_SIZE
     drops = []
     for chat, ref in zip(run["chats"], stock_chat["chats"]):
         assert ref["turn2"]["cached"] > 0  # stock hits: the test would prove nothing otherwise
@@ -65,7 +75,7 @@ def test_aligned_follow_up_turn_recomputes_what_stock_does(align, stock_chat, ti
         # a hit computes what a fresh request computes
         assert chat["turn2"]["token_ids"] == chat["turn2_uncached"]["token_ids"]
         assert ref["turn2"]["token_ids"] == ref["turn2_uncached"]["token_ids"]
-    assert any(drops), drops  # keep_more at 19.5 s drops 126 -> 0 tokens, at 30 s 195 -> 128
+    assert all(drops), drops  # keep_more at 19.5 s drops 126 -> 96 tokens, at 30 s 195 -> 192
     # the same audio under another keep ratio never hits its blocks (the text before the
     # audio is under one block, so nothing at all may hit)
     assert run["chats"][-1]["turn2"]["cached"] == 0
@@ -75,7 +85,8 @@ def test_aligned_follow_up_turn_recomputes_what_stock_does(align, stock_chat, ti
 def test_unaligned_follow_up_turn_recomputes_another_tail(stock_chat, tiny_model, clips, tmp_path):
     """The wrong variant: without alignment the clips drop a non-multiple of the block and
     the follow-up recomputes a different tail than stock (what issue 21 measured)."""
-    run = _chat(tiny_model, clips, tmp_path, {"input": {"keep_ratio": RATIO, "kv_block_align": "off"}})
+    run = _chat(tiny_model, clips, tmp_path, {"input": {"keep_ratio": RATIO, "kv_block_align": "off"}},
+                block_size=ALIGNED_CPU_BLOCK_SIZE)
     bs = run["block_size"]
     differs = [_uncached(c) != _uncached(r) for c, r in zip(run["chats"], stock_chat["chats"])]
     assert all(differs), (bs, run["chats"], stock_chat["chats"])
@@ -142,7 +153,7 @@ DEEP_ALIGNED = {"input": {"keep_ratio": RATIO}, "deep": {"merge_layer": 1, "keep
 @pytest.fixture(scope="module")
 def stock_replay(tiny_model, clips, tmp_path_factory):
     return _chat(tiny_model, clips, tmp_path_factory.mktemp("stock-replay"), None, env={"VLLM_PLUGINS": ""},
-                 replay=True)
+                 replay=True, block_size=ALIGNED_CPU_BLOCK_SIZE)
 
 
 @pytest.mark.engine
@@ -155,6 +166,7 @@ def test_deep_stage_follow_up_turn_hits_every_kv_group(stock_replay, tiny_model,
     run = _chat(tiny_model, clips, tmp_path, DEEP_ALIGNED, extra_chats=[other], replay=True)
     assert "prefix caching kept" in run["log"]
     assert "input.kv_block_align=keep_more, deep.kv_block_align=keep_more (prefix caching on)" in run["log"]
+    assert run["block_size"] == stock_replay["block_size"] == ALIGNED_CPU_BLOCK_SIZE  # the hook's choice
     for chat, ref in zip(run["chats"], stock_replay["chats"]):
         assert chat["turn2"]["cached"] > 0 and ref["turn2"]["cached"] > 0
         # past the audio: the hit covers it in the deep group too (else it would stop before it)
@@ -213,3 +225,25 @@ def test_auto_alignment_resolves_per_architecture():
     whisper = load_spec({"input": {"keep_ratio": 0.5}})
     assert facts_for("WhisperForConditionalGeneration").validate(whisper) is whisper
     assert load_spec("off").with_block_align(prefix_caching=True, prompt_holds_audio=True) == load_spec("off")
+
+
+@pytest.mark.parametrize("spec, engine_kw, block_size", [
+    ({"input": {"keep_ratio": 0.5}}, {}, 32),  # aligned ('auto' under prefix caching), no --block-size
+    ({"input": {"keep_ratio": 0.5}, "deep": {"merge_layer": 1, "keep_ratio": 0.3}}, {}, 32),
+    ({"input": {"keep_ratio": 0.5}}, {"block_size": 128}, 128),  # the user's size is kept
+    ({"input": {"keep_ratio": 0.5}}, {"block_size": 64}, 64),
+    ({"input": {"keep_ratio": 0.5}}, {"enable_prefix_caching": False}, 128),  # 'auto' is 'off': nothing aligned
+    ({"input": {"keep_ratio": 0.5, "kv_block_align": "off"}}, {}, 128),
+    ("off", {}, 128),
+])
+def test_config_hook_picks_32_token_blocks_on_cpu_for_an_aligned_stage(spec, engine_kw, block_size, tiny_model):
+    """The CPU build's 128-token default leaves a short audio's aligned drop at 0 and a chat turn's
+    hit short of the audio (measured in workloads_scaled_chat_bs32.md): the hook picks 32 there,
+    and only there (a given --block-size, or no aligned stage, keeps vLLM's choice)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_affinity
+
+    vllm_affinity.register()
+    args = EngineArgs(model=str(tiny_model), dtype="float32", hf_overrides={"affinity": spec}, **engine_kw)
+    assert args.create_engine_config().cache_config.block_size == block_size

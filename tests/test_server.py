@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from vllm_affinity import pooling as P
+from vllm_affinity.engine.config_hook import ALIGNED_CPU_BLOCK_SIZE
 from vllm_affinity_tools import speech
 from vllm_affinity_tools.demo import CPU_ARGS
 from vllm_affinity_tools.serving import ServerProcess
@@ -23,9 +24,9 @@ PRESET_DEEP = dict(deep_merge_layer=1, deep_keep_ratio=0.2006, deep_window=3,  #
                    encoder_real_length=True)
 QUESTION = "What does the speaker say?"
 # vLLM's default prefix caching stays on, so kv_block_align 'auto' rounds each audio's drop (input
-# stage) and each span's drop (deep stage) down to a multiple of the KV block; 32-token blocks (the
-# CPU default is 128) so that these short clips still drop some
-BLOCK = 32
+# stage) and each span's drop (deep stage) down to a multiple of the KV block; no --block-size is
+# given: the config hook picks 32-token blocks on the CPU build (vLLM's CPU default is 128)
+BLOCK = ALIGNED_CPU_BLOCK_SIZE
 
 
 def kept_in(n: int, ratio: float) -> int:
@@ -35,8 +36,7 @@ def kept_in(n: int, ratio: float) -> int:
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(tiny_model, ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS,
-                                    "--block-size", str(BLOCK)],
+    with ServerProcess(tiny_model, ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS],
                        log_path=log, served_model_name="tiny",
                        env={"VLLM_LOGGING_LEVEL": "DEBUG"}) as srv:
         yield srv
@@ -156,6 +156,7 @@ def test_log_says_what_the_plugin_did(server, client, clips):
     assert "kv_block_align auto -> input.kv_block_align=keep_more, deep.kv_block_align=keep_more " \
            "(prefix caching on)" in log
     assert "vllm-affinity: prefix caching kept" in log
+    assert "vllm-affinity: KV block size 32 (the CPU build's default is 128)" in log
     assert "vllm-affinity: audio tokens [50] -> [50] (keep_ratio=0.7432)" in log  # a drop of 12 < one block
     assert "Traceback" not in log
 
