@@ -176,3 +176,55 @@ def test_cli_rejects_bad_spec_before_starting_vllm(tiny_model):
                         "--affinity", '{"input": {"keep_ratio": 0.5, "method": "random"}}'],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "input.method" in r.stderr and "exec" not in r.stderr
+
+
+def test_data_parallel_two_engines_serve_the_deep_stage(tiny_model, media, reference, tmp_path):
+    """Users who outgrow one engine scale out with vLLM itself: ``--data-parallel-size 2`` starts two
+    engine cores (each with the plugin's scheduler, worker and deep KV group) behind two API servers.
+    Concurrent requests spread over both engines and every one answers the reference's tokens."""
+    import concurrent.futures as cf
+    import urllib.request
+
+    from vllm_affinity.plan import deep_kept_count
+    from vllm_affinity_tools.serving import metric
+
+    path = media["mp3_44k"]
+    args = ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS, "--data-parallel-size", "2"]
+    with ServerProcess(tiny_model, args, log_path=tmp_path / "dp.log", served_model_name="tiny") as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=300)
+
+        def ask(_):
+            r = _chat(client, _audio_url(path, "audio/mpeg"), max_tokens=6, logprobs=True, top_logprobs=1,
+                      return_tokens_as_token_ids=True)
+            return r.usage.prompt_tokens, [int(t.token.removeprefix("token_id:")) for t in r.choices[0].logprobs.content]
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+        per_engine = {}
+        with urllib.request.urlopen(srv.base_url.removesuffix("/v1") + "/metrics") as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("vllm:request_success_total{"):
+                    engine = line.split('engine="', 1)[1].split('"', 1)[0]
+                    per_engine[engine] = per_engine.get(engine, 0.0) + float(line.rsplit(" ", 1)[1])
+        deep_total = metric(srv.base_url, "vllm_affinity:audio_tokens_after_deep_total")
+        log = srv.log()
+    assert log.count("vllm-affinity: scheduler bound 1 deep KV-cache group(s)") == 2, "one per engine core"
+    assert sorted(per_engine) == ["0", "1"] and all(v > 0 for v in per_engine.values()), per_engine
+    assert "Traceback" not in log
+    tok = reference.processor.tokenizer
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    n = _n_audio(reference, path)
+    kept_deep = deep_kept_count(kept_in(n, PRESET_RATIO), PRESET_DEEP["deep_keep_ratio"], BLOCK, "keep_more")
+    ref = reference.generate(
+        prompt, [load_audio(path)], max_new_tokens=6, keep_ratio=PRESET_RATIO,
+        pool_fn=lambda x: P.merge(x, P.group_sizes(x, kept_in(x.shape[0], PRESET_RATIO), "affinity", 1)),
+        deep_pool_fn=lambda x: P.group_sizes(x, deep_kept_count(x.shape[0], PRESET_DEEP["deep_keep_ratio"], BLOCK,
+                                                                "keep_more"), "affinity", 3),
+        **PRESET_DEEP)
+    for prompt_tokens, tokens in answers:
+        assert prompt_tokens == len(ref.prompt_token_ids)
+        assert tokens == ref.token_ids[: len(tokens)] and len(tokens) >= 1
+    assert deep_total == 8 * kept_deep, (deep_total, kept_deep)
