@@ -76,6 +76,8 @@ def test_stock_variants_run_without_the_plugin_and_with_only_what_the_machine_ne
     assert harness.variant_engine(bench, "stock-eager-nopc") == (
         {"enforce_eager": True, "enable_prefix_caching": False}, False)
     assert harness.variant_engine(bench, "paper-aggressive") == ({"enforce_eager": True}, True)
+    assert harness.variant_engine(bench, "stock-bs32") == ({"enforce_eager": True, "block_size": 32}, False)
+    assert harness.variant_engine(bench, "paper-aggressive-bs32") == ({"enforce_eager": True, "block_size": 32}, True)
     bench.machine_needs = {}
     assert harness.variant_engine(bench, "stock") == ({}, False)  # vLLM's defaults: no flag at all
 

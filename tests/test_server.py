@@ -33,6 +33,26 @@ def kept_in(n: int, ratio: float) -> int:
     return P.block_aligned_count(n, P.num_kept(n, ratio), BLOCK, "keep_more")
 
 
+def kept_deep_in(n: int) -> int:
+    from vllm_affinity.plan import deep_kept_count
+
+    return deep_kept_count(n, PRESET_DEEP["deep_keep_ratio"], BLOCK, "keep_more")
+
+
+def _reference_answer(reference, path, max_new_tokens: int):
+    """The transformers reference at the served counts: both stages block-aligned ('auto' under
+    vLLM's prefix caching)."""
+    prompt = reference.processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    return reference.generate(
+        prompt, [load_audio(path)], max_new_tokens=max_new_tokens, keep_ratio=PRESET_RATIO,
+        pool_fn=lambda x: P.merge(x, P.group_sizes(x, kept_in(x.shape[0], PRESET_RATIO), "affinity", 1)),
+        deep_pool_fn=lambda x: P.group_sizes(x, kept_deep_in(x.shape[0]), "affinity", 3),
+        **PRESET_DEEP)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -112,19 +132,7 @@ def test_served_answer_matches_reference(client, media, reference):
     path = media["mp3_44k"]
     r = _chat(client, _audio_url(path, "audio/mpeg"), max_tokens=12, logprobs=True, top_logprobs=1,
               return_tokens_as_token_ids=True)
-    tok = reference.processor.tokenizer
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": QUESTION}]}],
-        add_generation_prompt=True, tokenize=False,
-    )
-    from vllm_affinity.plan import deep_kept_count
-
-    ref = reference.generate(  # the served counts: both stages block-aligned ('auto' under prefix caching)
-        prompt, [load_audio(path)], max_new_tokens=12, keep_ratio=PRESET_RATIO,
-        pool_fn=lambda x: P.merge(x, P.group_sizes(x, kept_in(x.shape[0], PRESET_RATIO), "affinity", 1)),
-        deep_pool_fn=lambda x: P.group_sizes(x, deep_kept_count(x.shape[0], PRESET_DEEP["deep_keep_ratio"], BLOCK,
-                                                                "keep_more"), "affinity", 3),
-        **PRESET_DEEP)
+    ref = _reference_answer(reference, path, 12)
     assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
     served = [int(t.token.removeprefix("token_id:")) for t in r.choices[0].logprobs.content]
     assert served == ref.token_ids[: len(served)]
@@ -185,7 +193,6 @@ def test_data_parallel_two_engines_serve_the_deep_stage(tiny_model, media, refer
     import concurrent.futures as cf
     import urllib.request
 
-    from vllm_affinity.plan import deep_kept_count
     from vllm_affinity_tools.serving import metric
 
     path = media["mp3_44k"]
@@ -211,19 +218,8 @@ def test_data_parallel_two_engines_serve_the_deep_stage(tiny_model, media, refer
     assert log.count("vllm-affinity: scheduler bound 1 deep KV-cache group(s)") == 2, "one per engine core"
     assert sorted(per_engine) == ["0", "1"] and all(v > 0 for v in per_engine.values()), per_engine
     assert "Traceback" not in log
-    tok = reference.processor.tokenizer
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": QUESTION}]}],
-        add_generation_prompt=True, tokenize=False,
-    )
-    n = _n_audio(reference, path)
-    kept_deep = deep_kept_count(kept_in(n, PRESET_RATIO), PRESET_DEEP["deep_keep_ratio"], BLOCK, "keep_more")
-    ref = reference.generate(
-        prompt, [load_audio(path)], max_new_tokens=6, keep_ratio=PRESET_RATIO,
-        pool_fn=lambda x: P.merge(x, P.group_sizes(x, kept_in(x.shape[0], PRESET_RATIO), "affinity", 1)),
-        deep_pool_fn=lambda x: P.group_sizes(x, deep_kept_count(x.shape[0], PRESET_DEEP["deep_keep_ratio"], BLOCK,
-                                                                "keep_more"), "affinity", 3),
-        **PRESET_DEEP)
+    kept_deep = kept_deep_in(kept_in(_n_audio(reference, path), PRESET_RATIO))
+    ref = _reference_answer(reference, path, 6)
     for prompt_tokens, tokens in answers:
         assert prompt_tokens == len(ref.prompt_token_ids)
         assert tokens == ref.token_ids[: len(tokens)] and len(tokens) >= 1
