@@ -1,7 +1,7 @@
 """Serving under load (workload (e)): real `vllm serve`, stock vLLM at its defaults vs the plugin.
 
     python benchmarks/bench_serve.py [--shape scaled|7b|7b-fp32] [--sessions 24] [--two-turn 0.33]
-                                     [--max-concurrency 8] [--kv-mib 256] [--seed 0]
+                                     [--max-concurrency 8] [--kv-mib 256] [--seed 0] [--lengths 10 20 30 45 60]
                                      [--variants paper-aggressive input+encoder input-only windows-only]
 
 A fixed, seeded mix of chat sessions (the same for every variant): each session's audio is
@@ -54,12 +54,12 @@ LENGTHS = (10.0, 20.0, 30.0, 45.0, 60.0)
 QUESTION = "What does the speaker say?"
 
 
-def build_sessions(n: int, two_turn: float, seed: int) -> list[dict]:
+def build_sessions(n: int, two_turn: float, seed: int, lengths=LENGTHS) -> list[dict]:
     """The seeded mix: audio length, output tokens, whether a turn 2 follows."""
     import random
 
     rng = random.Random(seed)
-    return [{"id": i, "seconds": rng.choice(LENGTHS), "max_tokens": rng.randint(32, 256),
+    return [{"id": i, "seconds": rng.choice(tuple(lengths)), "max_tokens": rng.randint(32, 256),
              "two_turn": rng.random() < two_turn, "noise_seed": rng.randrange(2**31)} for i in range(n)]
 
 
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-mib", type=float, default=256.0)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lengths", type=float, nargs="+", default=list(LENGTHS),
+                   help="audio lengths (s) the sessions draw from; 10 20 30: a mix stock hears whole")
     p.add_argument("--variants", nargs="+", choices=[v for v in SPECS if v != "stock"],
                    default=["paper-aggressive", "input+encoder", "input-only", "windows-only"])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -207,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     order = ["stock", *[v for v in a.variants if v != "stock"], "stock (again)"]
     specs = {v: resolve_spec(v.removesuffix(" (again)"), cfg["text_config"]["num_hidden_layers"],
                              cfg["audio_config"]["encoder_layers"]) for v in order}
-    sessions = build_sessions(a.sessions, a.two_turn, a.seed)
-    clips = make_clips(list(LENGTHS))
+    sessions = build_sessions(a.sessions, a.two_turn, a.seed, a.lengths)
+    clips = make_clips(sorted(set(a.lengths)))
     payloads = {}
     for s in sessions:
         wave, sr = sf.read(clips[s["seconds"]], dtype="float32")
@@ -262,7 +264,7 @@ def write(a, rows: list[dict], specs: dict, sessions: list[dict], cpu: dict, dty
     two = sum(s["two_turn"] for s in sessions)
     footer = "\n".join([
         f"{len(sessions)} sessions ({two} of them two-turn), seed {a.seed}: audio "
-        + ", ".join(f"{x:g} s ×{sum(s['seconds'] == x for s in sessions)}" for x in LENGTHS)
+        + ", ".join(f"{x:g} s ×{sum(s['seconds'] == x for s in sessions)}" for x in sorted({s["seconds"] for s in sessions}))
         + f"; turn 1 {min(s['max_tokens'] for s in sessions)}–{max(s['max_tokens'] for s in sessions)} output tokens "
         f"(ignore_eos), turn 2 32; {a.max_concurrency} concurrent clients, streaming through the openai client. "
         "× = against stock (> 1 is better: throughput variant / stock, latency stock / variant).",
