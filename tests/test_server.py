@@ -191,9 +191,8 @@ def test_data_parallel_two_engines_serve_the_deep_stage(tiny_model, media, refer
     engine cores (each with the plugin's scheduler, worker and deep KV group) behind two API servers.
     Concurrent requests spread over both engines and every one answers the reference's tokens."""
     import concurrent.futures as cf
-    import urllib.request
 
-    from vllm_affinity_tools.serving import metric
+    from vllm_affinity_tools.serving import metric, metric_by_label
 
     path = media["mp3_44k"]
     args = ["--plugin", "affinity", "--affinity", "paper-aggressive", *CPU_ARGS, "--data-parallel-size", "2"]
@@ -207,12 +206,7 @@ def test_data_parallel_two_engines_serve_the_deep_stage(tiny_model, media, refer
 
         with cf.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(ask, range(8)))
-        per_engine = {}
-        with urllib.request.urlopen(srv.base_url.removesuffix("/v1") + "/metrics") as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("vllm:request_success_total{"):
-                    engine = line.split('engine="', 1)[1].split('"', 1)[0]
-                    per_engine[engine] = per_engine.get(engine, 0.0) + float(line.rsplit(" ", 1)[1])
+        per_engine = metric_by_label(srv.base_url, "vllm:request_success_total", "engine")
         deep_total = metric(srv.base_url, "vllm_affinity:audio_tokens_after_deep_total")
         log = srv.log()
     assert log.count("vllm-affinity: scheduler bound 1 deep KV-cache group(s)") == 2, "one per engine core"

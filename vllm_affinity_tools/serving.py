@@ -16,15 +16,28 @@ import urllib.request
 from pathlib import Path
 
 
-def metric(url: str, name: str) -> float | None:
-    """A metric of a server's ``/metrics`` summed over its label sets (None: not exported);
-    ``url`` is the server's root or its ``/v1`` base URL."""
-    total = None
+def _samples(url: str, name: str) -> list[tuple[str, float]]:
+    """(label set, value) of each sample of metric ``name`` on a server's ``/metrics``; ``url`` is
+    the server's root or its ``/v1`` base URL."""
     with urllib.request.urlopen(url.rsplit("/v1", 1)[0] + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
-    return total
+        return [(line[len(name):].rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1]))
+                for line in r.read().decode().splitlines()
+                if line.startswith(name + "{") or line.startswith(name + " ")]
+
+
+def metric(url: str, name: str) -> float | None:
+    """A metric of a server's ``/metrics`` summed over its label sets (None: not exported)."""
+    samples = _samples(url, name)
+    return sum(v for _, v in samples) if samples else None
+
+
+def metric_by_label(url: str, name: str, label: str) -> dict[str, float]:
+    """A metric summed per value of one label (e.g. vLLM's ``engine`` under data parallelism)."""
+    out: dict[str, float] = {}
+    for labels, v in _samples(url, name):
+        key = labels.split(f'{label}="', 1)[1].split('"', 1)[0] if f'{label}="' in labels else ""
+        out[key] = out.get(key, 0.0) + v
+    return out
 
 
 def free_port() -> int:
